@@ -1,0 +1,144 @@
+"""ImagePublisher: the one writer of a bus channel (slots first, then the metadata message)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import zmq
+
+from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
+from stddaq.bus.sockets import bind, unlink_ipc
+from stddaq.config import DetectorConfig
+from stddaq.errors import BusError
+from stddaq.protocol import ImageMetadata, ImageMetadataCompression, ImageMetadataStatus, protocol_dtype
+
+log = logging.getLogger(__name__)
+
+#: Metadata messages are ~30 bytes: a deep queue costs little and lets a briefly slow reader catch
+#: up instead of silently missing messages (a reader that falls far behind loses slots anyway,
+#: and the overwrite guard tells it so).
+METADATA_HWM = 100_000
+
+
+def image_metadata(config: DetectorConfig, image_id: int = 0) -> ImageMetadata:
+    """An ImageMetadata for a raw, good image of ``config``'s shape and dtype."""
+    return ImageMetadata(
+        image_id=image_id,
+        height=config.image_pixel_height,
+        width=config.image_pixel_width,
+        size=config.image_pixel_height * config.image_pixel_width * config.dtype.itemsize,
+        dtype=protocol_dtype(config.dtype),
+        status=ImageMetadataStatus.good_image,
+        compression=ImageMetadataCompression.none,
+    )
+
+
+class ImagePublisher:
+    """Creates ``/dev/shm/<channel>`` and binds ``ipc:///tmp/<channel>``; owns and releases both.
+
+    Write an image either with ``publish_image(metadata, pixels)`` (one copy into the slot), or
+    in place: ``slot = begin(image_id)``, fill ``slot``, ``publish(metadata)``.
+    """
+
+    def __init__(self, config: DetectorConfig, suffix: str = "image", *, ctx: zmq.Context | None = None) -> None:
+        self.config = config
+        self.suffix = suffix
+        self.layout = BufferLayout.of(config, suffix)
+        self.address = config.ipc_address(suffix)
+        self._ctx = ctx
+        self._own_ctx = ctx is None
+        self.buffer: RamBuffer | None = None
+        self.socket: zmq.Socket | None = None
+        self._subscribers = 0
+        self._bound = False
+        self._slot_n_bytes = self.layout.slot_n_bytes
+
+    def open(self) -> ImagePublisher:
+        self.buffer = RamBuffer.create(self.layout)
+        try:
+            ctx = self._ctx or zmq.Context()
+            self._ctx = ctx
+            sock = ctx.socket(zmq.XPUB)  # a PUB that also tells us who subscribed
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, METADATA_HWM)
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+            self.socket = sock
+            bind(sock, self.address, "the metadata socket")
+            self._bound = True
+        except BaseException:
+            self.close()
+            raise
+        log.debug("publishing %s (%d slots of %d bytes)", self.address, self.layout.n_slots, self.layout.slot_n_bytes)
+        return self
+
+    # ------------------------------------------------------------------ writing
+    def begin(self, image_id: int) -> np.ndarray:
+        """The whole slot of ``image_id`` as writable uint8, marked as being written."""
+        buffer = self.buffer
+        buffer.begin_write(image_id)
+        return buffer.slot_bytes(image_id)
+
+    def publish(self, metadata: ImageMetadata) -> None:
+        """Mark the slot complete and send the metadata (after the data, never before)."""
+        if metadata.size > self._slot_n_bytes:
+            raise BusError(f"image {metadata.image_id}: size {metadata.size} does not fit a slot of "
+                           f"{self.layout.slot_n_bytes} bytes on {self.layout.name}")
+        self.buffer.end_write(metadata.image_id)
+        self.socket.send(metadata.SerializeToString())
+
+    def publish_image(self, metadata: ImageMetadata, pixels: np.ndarray | bytes | memoryview) -> None:
+        """Copy ``pixels`` into the slot of ``metadata.image_id`` and publish; sets ``size``."""
+        raw = np.frombuffer(pixels, dtype=np.uint8) if not isinstance(pixels, np.ndarray) else pixels.reshape(-1).view(np.uint8)
+        if raw.nbytes > self.layout.slot_n_bytes:
+            raise BusError(f"image {metadata.image_id}: {raw.nbytes} bytes do not fit a slot of "
+                           f"{self.layout.slot_n_bytes} bytes on {self.layout.name}")
+        slot = self.begin(metadata.image_id)
+        slot[:raw.nbytes] = raw
+        metadata.size = raw.nbytes
+        self.publish(metadata)
+
+    # ------------------------------------------------------------------ subscribers
+    def subscriber_count(self) -> int:
+        """Subscribers connected now (reads the XPUB subscription messages that arrived)."""
+        while self.socket.poll(0, zmq.POLLIN):
+            msg = self.socket.recv()
+            if msg[:1] == b"\x01":
+                self._subscribers += 1
+            elif msg[:1] == b"\x00":
+                self._subscribers = max(0, self._subscribers - 1)
+        return self._subscribers
+
+    def wait_for_subscribers(self, n: int, timeout: float) -> bool:
+        """Block until ``n`` subscribers are connected, at most ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.subscriber_count() < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.socket.poll(min(remaining, 0.1) * 1000, zmq.POLLIN)
+        return True
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self, linger: float = 0.0) -> None:
+        """Flush queued metadata for up to ``linger`` seconds, then release socket and shm."""
+        if self.socket is not None:
+            self.socket.close(int(linger * 1000))
+            self.socket = None
+            if self._bound:
+                unlink_ipc(self.address)
+                self._bound = False
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+    def __enter__(self) -> ImagePublisher:
+        return self.open() if self.buffer is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

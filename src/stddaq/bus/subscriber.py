@@ -1,0 +1,261 @@
+"""ImageSubscriber: one reader of a bus channel, yielding (metadata, zero-copy view) images.
+
+A reader is handed only images whose slot still holds them (overwrite guard, see ram_buffer).
+An image whose slot was already reused when its metadata was read is counted ``lost`` and not
+handed on; a consumer that used a view for a while asks ``image.intact()`` (or
+``subscriber.confirm(image)``) afterwards to know the bytes it used were not overwritten meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import zmq
+from google.protobuf.message import DecodeError
+
+from stddaq.bus.publisher import METADATA_HWM
+from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
+from stddaq.config import DetectorConfig
+from stddaq.errors import BufferMissingError
+from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ImageMetadataCompression
+from stddaq.stats import Stats
+
+log = logging.getLogger(__name__)
+
+#: Counters of a subscriber, all in ``stats``: processed_times: images handed on (and confirmed,
+#: where the consumer calls confirm()); lost: slot overwritten before it was read (or, via
+#: confirm(), while it was used); invalid: messages that are no usable ImageMetadata; gaps: image
+#: ids never seen between two that were (dropped before they reached this reader).
+SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps")
+_NONE = int(ImageMetadataCompression.none)
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+class Image:
+    """One image on the bus: its metadata and a view of its slot (valid while ``intact()``).
+
+    ``data`` is the (height, width) array for raw images, the uint8 blob of ``size`` bytes for
+    compressed ones.
+    """
+
+    __slots__ = ("metadata", "data", "_buffer")
+
+    def __init__(self, metadata: ImageMetadata, data: np.ndarray, buffer: RamBuffer) -> None:
+        self.metadata = metadata
+        self.data = data
+        self._buffer = buffer
+
+    @property
+    def image_id(self) -> int:
+        return self.metadata.image_id
+
+    def intact(self) -> bool:
+        """True if the slot still holds this image complete, so what was read of it is good."""
+        return self._buffer.holds(self.metadata.image_id)
+
+    def copy(self) -> np.ndarray:
+        """A private copy of the pixels; raises if the slot changed during the copy."""
+        out = self.data.copy()
+        if not self.intact():
+            raise RuntimeError(f"image {self.metadata.image_id} was overwritten while it was copied")
+        return out
+
+
+class ImageSubscriber:
+    """Connects SUB to ``ipc:///tmp/<channel>`` at once; maps the buffer when it exists."""
+
+    def __init__(self, config: DetectorConfig, suffix: str = "image", *, ctx: zmq.Context | None = None,
+                 created_by: str | None = None, stats: Stats | None = None) -> None:
+        self.config = config
+        self.suffix = suffix
+        self.layout = BufferLayout.of(config, suffix)
+        self.address = config.ipc_address(suffix)
+        self.created_by = created_by or ("the simulator or a receiver (std_sim, std_array10_recv)"
+                                         if suffix == "image" else f"the service that writes {suffix!r}")
+        self._ctx = ctx
+        self._own_ctx = ctx is None
+        self.socket: zmq.Socket | None = None
+        self.buffer: RamBuffer | None = None
+        self._buffer_inode: int | None = None
+        self._next_inode_check = 0.0
+        self.stats = stats or Stats(config.detector_name, f"subscriber-{suffix}", config.stats_collection_period)
+        self.stats.declare(*SUBSCRIBER_COUNTERS)
+        self.last_error: str | None = None
+        self._last_id: int | None = None
+        self._slot = self.layout.slot_n_bytes
+
+    # ------------------------------------------------------------------ lifetime
+    def connect(self) -> ImageSubscriber:
+        self._ctx = self._ctx or zmq.Context()
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, METADATA_HWM)
+        sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.address)
+        self.socket = sock
+        return self
+
+    def attach(self, wait: float = 0.0) -> RamBuffer:
+        """Map the channel's buffer, waiting up to ``wait`` seconds for its writer to create it."""
+        deadline = time.monotonic() + wait
+        logged = False
+        while True:
+            try:
+                return self._attach()
+            except BufferMissingError:
+                if time.monotonic() >= deadline:
+                    raise
+                if not logged:
+                    log.info("waiting for /dev/shm/%s: start %s", self.layout.name, self.created_by)
+                    logged = True
+                time.sleep(0.05)
+
+    def _attach(self) -> RamBuffer:
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+        self.buffer = RamBuffer.attach(self.layout, created_by=self.created_by)
+        self._buffer_inode = _inode(self.layout.name)
+        return self.buffer
+
+    def _replaced(self, force: bool = False) -> bool:
+        """The writer restarted: the name now points at a new shm object, re-map it.
+
+        Checked when ids go back (forced) and at most every 0.2 s while slots look overwritten,
+        so a reader that is simply behind does not pay a stat() per image.
+        """
+        now = time.monotonic()
+        if not force and now < self._next_inode_check:
+            return False
+        self._next_inode_check = now + 0.2
+        inode = _inode(self.layout.name)
+        if inode is not None and inode != self._buffer_inode:
+            log.info("/dev/shm/%s was re-created by its writer; re-attaching", self.layout.name)
+            self._attach()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self._own_ctx and self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self.buffer is not None:
+            self.buffer.close()
+            self.buffer = None
+
+    def __enter__(self) -> ImageSubscriber:
+        if self.socket is None:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    def receive(self, timeout: float | None = 1.0) -> Image | None:
+        """The next good-to-read image, or None when ``timeout`` seconds pass without one."""
+        sock = self.socket
+        deadline = None
+        while True:
+            try:
+                frame = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                if deadline is None:
+                    if timeout is not None and timeout <= 0:
+                        return None
+                    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(None if remaining == float("inf") else remaining * 1000):
+                    return None
+                continue
+            if sock.getsockopt(_RCVMORE):
+                parts = [frame, *sock.recv_multipart()]
+                self._invalid(f"expected 1 message part, got {len(parts)}")
+                continue
+            image = self._accept(frame)
+            if image is not None:
+                return image
+
+    def __iter__(self) -> Iterator[Image]:
+        while True:
+            image = self.receive(timeout=None)
+            if image is not None:
+                yield image
+
+    def confirm(self, image: Image) -> bool:
+        """After using ``image``: True if it was not overwritten meanwhile; else counted lost."""
+        if image.intact():
+            return True
+        self.stats.add("lost")
+        self.stats.processed_times -= 1
+        return False
+
+    def _invalid(self, reason: str) -> None:
+        self.stats.add("invalid")
+        self.last_error = reason
+        self.stats.warn("invalid", log, "%s: ignoring message: %s", self.address, reason)
+
+    def _accept(self, frame: bytes) -> Image | None:
+        """Check one metadata message and make its Image; the hot path of every consumer."""
+        metadata = ImageMetadata()
+        try:
+            metadata.ParseFromString(frame)
+        except DecodeError as exc:
+            self._invalid(f"not an ImageMetadata ({len(frame)} bytes: {exc})")
+            return None
+        image_id = metadata.image_id
+        dtype = DTYPE_TO_NUMPY.get(metadata.dtype)
+        if dtype is None:
+            self._invalid(f"image {image_id}: unknown dtype {metadata.dtype}")
+            return None
+        size = metadata.size
+        height, width = metadata.height, metadata.width
+        raw_bytes = height * width * dtype.itemsize
+        compressed = metadata.compression != _NONE
+        if size > self._slot or (not compressed and raw_bytes > self._slot):
+            self._invalid(f"image {image_id}: {max(size, raw_bytes)} bytes do not fit a slot of {self._slot}")
+            return None
+        if not compressed and size != raw_bytes and size != 0:
+            self._invalid(f"image {image_id}: size {size} is not height*width*itemsize = {raw_bytes}")
+            return None
+
+        buffer = self.buffer
+        if buffer is None:
+            try:
+                buffer = self._attach()
+            except BufferMissingError as exc:
+                self._invalid(str(exc))
+                return None
+        last = self._last_id
+        if last is not None and image_id != last + 1:
+            if image_id <= last:
+                self._replaced(force=True)  # ids went back: a new run, maybe a new buffer
+                buffer = self.buffer
+            else:
+                self.stats.add("gaps", image_id - last - 1)
+        self._last_id = image_id
+        if not buffer.holds(image_id):
+            if not (self._replaced() and self.buffer.holds(image_id)):
+                self.stats.add("lost")
+                return None
+            buffer = self.buffer
+        self.stats.processed(size or raw_bytes)
+        if compressed:
+            return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
+        return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
+
+
+def _inode(name: str) -> int | None:
+    try:
+        return os.stat(f"/dev/shm/{name}").st_ino
+    except FileNotFoundError:
+        return None

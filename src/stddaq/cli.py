@@ -1,0 +1,53 @@
+"""`stddaq`: the operator's command (up, config check)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from stddaq import __version__
+from stddaq.config import DetectorConfig
+from stddaq.errors import StddaqError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stddaq", description="stddaq: std_daq's interface layer in Python")
+    parser.add_argument("--version", action="version", version=f"stddaq {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the deployment a config describes (no config: the built-in demo)")
+    up.add_argument("config", nargs="?", default=None, help="detector config JSON (default: built-in demo)")
+    up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+
+    config = sub.add_parser("config", help="detector config tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config and print the values services derive")
+    check.add_argument("file")
+    config_sub.add_parser("demo", help="print the built-in demo config")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from stddaq.deploy import up
+            return up(args.config, args.duration)
+        if args.command == "config":
+            if args.config_command == "demo":
+                from stddaq.deploy import demo_config_text
+                print(demo_config_text(), end="")
+                return 0
+            config = DetectorConfig.load(args.file)
+            print(json.dumps(config.derived(), indent=2))
+            return 0
+    except StddaqError as exc:
+        print(f"stddaq: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

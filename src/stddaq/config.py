@@ -1,0 +1,220 @@
+"""DetectorConfig: the one validated description of a deployment (SPEC section 1).
+
+Every service gets this object, built once at start; none reads the file or the environment on
+its own. A bad file is rejected here, before any shared memory or socket exists, with one line
+that names the file, the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stddaq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+SHM_ALIGNMENT = 2 * 1024 * 1024
+MIN_SLOTS = 1000
+DETECTOR_TYPES = ("gigafrost", "eiger", "pco", "jungfrau-raw", "jungfrau-converted")
+LOG_LEVELS = ("debug", "info", "warning", "error", "off")
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+StrictPositiveInt = Annotated[int, Field(strict=True, gt=0)]
+StrictNonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+
+
+class LiveStreamConfig(BaseModel):
+    """One entry of ``live_stream_configs``: how the stream at an address selects images."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["forward", "periodic", "batch"]
+    config: tuple[StrictPositiveInt, StrictPositiveInt] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LiveStreamConfig:
+        if self.type == "forward":
+            return self
+        if self.config is None:
+            raise ValueError(f"type {self.type!r} needs \"config\": [Y, N] (two integers > 0)")
+        y, n = self.config
+        if self.type == "batch" and y > n:
+            raise ValueError(f"batch [Y, N] = [{y}, {n}] sends Y of every N images, so Y must be <= N")
+        return self
+
+
+class DetectorConfig(BaseModel):
+    """A deployment's detector config; unknown keys are kept for other services."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    detector_name: Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=200)]
+    detector_type: Literal["gigafrost", "eiger", "pco", "jungfrau-raw", "jungfrau-converted"]
+    image_pixel_height: StrictPositiveInt
+    image_pixel_width: StrictPositiveInt
+    bit_depth: Literal[8, 16, 32]
+    # Upstream requires these for acquisition, which is out of scope here: validated if given.
+    n_modules: StrictPositiveInt = 1
+    start_udp_port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 0
+    module_positions: dict[str, tuple[int, int, int, int]] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error", "off"] = "info"
+    stats_collection_period: PositiveNumber = 10.0
+    ram_buffer_gb: Annotated[float, Field(ge=0)] = 0.0
+    gpfs_block_size: StrictPositiveInt = 16 * 1024 * 1024
+    number_of_writers: StrictNonNegativeInt = 0
+    live_stream_configs: dict[str, LiveStreamConfig] = Field(default_factory=dict)
+    switch_user_active: Annotated[bool, Field(strict=True)] = False
+    # Accepted for compatibility with upstream configs, unused here.
+    writer_user_id: StrictNonNegativeInt | None = None
+    module_sync_queue_size: StrictPositiveInt | None = None
+    max_number_of_forwarders_spawned: StrictNonNegativeInt | None = None
+    use_all_forwarders: Annotated[bool, Field(strict=True)] | None = None
+    sender_sends_full_images: Annotated[bool, Field(strict=True)] | None = None
+    delay_filter_timeout: Annotated[float, Field(ge=0)] | None = None
+    submodule_info: dict[str, Any] | list[Any] | None = None
+    # Beyond upstream: an explicit slot count, for small test rings and small machines. A C++
+    # reader does not know this key and computes n_slots from ram_buffer_gb.
+    ram_buffer_slots: StrictPositiveInt | None = None
+
+    @field_validator("module_positions")
+    @classmethod
+    def _check_module_positions(cls, value: dict[str, tuple[int, int, int, int]]) -> dict:
+        for module_id, (x0, y0, x1, y1) in value.items():
+            if min(x0, y0, x1, y1) < 0:
+                raise ValueError(f"module {module_id!r} has a negative corner {[x0, y0, x1, y1]}")
+        return value
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def dtype(self) -> np.dtype:
+        """The pixel type of assembled images (little endian)."""
+        if self.detector_type == "jungfrau-converted":
+            return np.dtype("<f4")
+        return np.dtype({8: "<u1", 16: "<u2", 32: "<u4"}[self.bit_depth])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.image_pixel_height, self.image_pixel_width)
+
+    @property
+    def image_n_bytes(self) -> int:
+        """Bytes of one image slot, as upstream sizes it."""
+        pixels = self.image_pixel_height * self.image_pixel_width
+        if self.detector_type == "jungfrau-converted":
+            return pixels * 4
+        if self.detector_type == "gigafrost":
+            return pixels * 2
+        return pixels * self.bit_depth // 8
+
+    @property
+    def n_slots(self) -> int:
+        if self.ram_buffer_slots is not None:
+            return self.ram_buffer_slots
+        return max(MIN_SLOTS, int(self.ram_buffer_gb * GIB) // self.image_n_bytes)
+
+    @property
+    def buffer_n_bytes(self) -> int:
+        """Size of the shm object: n_slots * slot size, rounded up to 2 MiB."""
+        return math.ceil(self.n_slots * self.image_n_bytes / SHM_ALIGNMENT) * SHM_ALIGNMENT
+
+    @property
+    def python_log_level(self) -> int:
+        return {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+                "error": logging.ERROR, "off": logging.CRITICAL + 10}[self.log_level]
+
+    def channel(self, suffix: str) -> str:
+        """Name of a bus channel: the shm object and the ipc socket file share it."""
+        if not re.fullmatch(NAME_PATTERN, suffix):
+            raise ConfigError(f"channel suffix {suffix!r} is not allowed: use letters, digits, '_', '.', '-'")
+        return f"{self.detector_name}-{suffix}"
+
+    def ipc_address(self, suffix: str) -> str:
+        return f"ipc:///tmp/{self.channel(suffix)}"
+
+    def derived(self) -> dict[str, Any]:
+        """The values services compute from the file, for `stddaq config check`."""
+        return {
+            "detector_name": self.detector_name,
+            "detector_type": self.detector_type,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+            "image_n_bytes": self.image_n_bytes,
+            "n_slots": self.n_slots,
+            "buffer_n_bytes": self.buffer_n_bytes,
+            "image_channel": self.channel("image"),
+            "image_metadata_address": self.ipc_address("image"),
+            "image_buffer_path": f"/dev/shm/{self.channel('image')}",
+            "number_of_writers": self.number_of_writers,
+            "live_streams": {k: v.model_dump() for k, v in self.live_stream_configs.items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-able dict, unknown keys included."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<config>") -> DetectorConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the config must be a JSON object, got {type(data).__name__}")
+        try:
+            config = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(source, exc)) from None
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            log.debug("%s: keys not used by stddaq kept as they are: %s", source, ", ".join(unknown))
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> DetectorConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, expected a JSON config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _describe(source: str, exc: ValidationError) -> str:
+    """One line per problem (the first first), naming key, value and what is allowed."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tuple[")))
+        if err["type"] == "missing":
+            lines.append(f"{source}: required key {key!r} is missing")
+            continue
+        allowed = _ALLOWED.get(str(err["loc"][0]) if err["loc"] else "", "")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: key {key!r} has value {err['input']!r}: {msg}" + (f" (allowed: {allowed})" if allowed else ""))
+    return "; ".join(lines)
+
+
+_ALLOWED = {
+    "detector_name": f"letters, digits, '_', '.', '-' (pattern {NAME_PATTERN})",
+    "detector_type": ", ".join(DETECTOR_TYPES),
+    "bit_depth": "8, 16, 32",
+    "image_pixel_height": "an integer > 0",
+    "image_pixel_width": "an integer > 0",
+    "log_level": ", ".join(LOG_LEVELS),
+    "live_stream_configs": '{"tcp://host:port": {"type": "forward"} or {"type": "periodic"|"batch", "config": [Y, N]}}',
+    "module_positions": '{"module_id": [x0, y0, x1, y1]}',
+}

@@ -1,0 +1,180 @@
+"""`stddaq up`: start the services one config describes, keep them running, stop them all.
+
+The supervisor owns its child processes: it forwards their output line by line with the
+service's name in front, restarts one that crashed (with a growing pause, and gives up after a
+few quick crashes in a row), and on Ctrl-C/SIGTERM stops them all: SIGTERM, then SIGKILL for any
+that has not ended after a grace period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from stddaq.config import DetectorConfig
+
+log = logging.getLogger("stddaq.up")
+
+DEMO_RATE_HZ = 1000
+MAX_QUICK_RESTARTS = 5
+QUICK = 10.0  # a child that dies sooner than this after its start counts as a quick crash
+
+
+def demo_config_text() -> str:
+    return resources.files("stddaq").joinpath("data/demo.json").read_text(encoding="utf-8")
+
+
+@dataclass
+class ServiceSpec:
+    """One child process of the deployment."""
+
+    name: str
+    argv: list[str]
+    restart: bool = True
+    critical: bool = False  # when it ends by itself (exit 0), the deployment ends
+
+
+@dataclass
+class _Child:
+    spec: ServiceSpec
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    quick_crashes: int = 0
+    restart_at: float | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> list[ServiceSpec]:
+    """The services a config asks for, in start order (producers of a channel first)."""
+    py = [sys.executable, "-m"]
+    path = str(config_path)
+    specs = [
+        ServiceSpec("std_sim", py + ["stddaq.services.simulator", path, "--rate", str(DEMO_RATE_HZ if demo else 100)]),
+        ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]),
+    ]
+    return specs
+
+
+class Supervisor:
+    """Runs a list of ServiceSpec as child processes until ``stop()``."""
+
+    def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, out=None) -> None:
+        self.children = [_Child(spec) for spec in specs]
+        self.grace = grace
+        self._stop = threading.Event()
+        self._out = out or sys.stdout
+        self._out_lock = threading.Lock()
+        self.failed: str | None = None
+
+    def _spawn(self, child: _Child) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child.process = subprocess.Popen(child.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        child.started = time.monotonic()
+        child.restart_at = None
+        thread = threading.Thread(target=self._forward, args=(child.spec.name, child.process), daemon=True)
+        thread.start()
+        child.threads.append(thread)
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+
+    def _forward(self, name: str, process: subprocess.Popen) -> None:
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._out_lock:
+                print(f"[{name}] {line}", file=self._out, flush=True)
+        process.stdout.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, duration: float | None = None) -> int:
+        deadline = None if duration is None else time.monotonic() + duration
+        for child in self.children:
+            self._spawn(child)
+        try:
+            while not self._stop.wait(0.1):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if not self._watch():
+                    break
+        finally:
+            self._terminate()
+        return 1 if self.failed else 0
+
+    def _watch(self) -> bool:
+        now = time.monotonic()
+        for child in self.children:
+            proc = child.process
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._spawn(child)
+                continue
+            if proc is None or proc.poll() is None:
+                continue
+            code = proc.returncode
+            if code == 0 and child.spec.critical:
+                log.info("%s finished; stopping the deployment", child.spec.name)
+                return False
+            if not child.spec.restart or code == 0:
+                log.info("%s exited with code %d", child.spec.name, code)
+                child.process = None
+                continue
+            child.quick_crashes = child.quick_crashes + 1 if now - child.started < QUICK else 1
+            if child.quick_crashes > MAX_QUICK_RESTARTS:
+                self.failed = f"{child.spec.name} crashed {child.quick_crashes} times in a row (exit code {code})"
+                log.error("%s; stopping the deployment", self.failed)
+                return False
+            pause = min(0.5 * 2 ** (child.quick_crashes - 1), 10.0)
+            log.warning("%s exited with code %d; restarting in %.1f s", child.spec.name, code, pause)
+            child.restart_at = now + pause
+        return True
+
+    def _terminate(self) -> None:
+        running = [c.process for c in self.children if c.process is not None and c.process.poll() is None]
+        for proc in reversed(running):  # consumers first, producers last
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop within %.1f s; killing it", proc.pid, self.grace)
+                proc.kill()
+                proc.wait()
+        for child in self.children:
+            for thread in child.threads:
+                thread.join(timeout=2)
+
+
+def up(config_path: str | None, duration: float | None = None) -> int:
+    """Entry of `stddaq up`: with no path, the built-in demo configuration."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="stddaq-up-") as tmp:
+        demo = config_path is None
+        if demo:
+            path = Path(tmp) / "demo.json"
+            path.write_text(demo_config_text(), encoding="utf-8")
+            log.info("no config given: running the built-in demo (%s)", path)
+        else:
+            path = Path(config_path)
+        config = DetectorConfig.load(path)
+        supervisor = Supervisor(plan(config, path, demo=demo))
+
+        def _on_signal(signum: int, _frame: object) -> None:
+            supervisor.stop()
+
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return supervisor.run(duration)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

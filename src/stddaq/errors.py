@@ -1,0 +1,37 @@
+"""The exceptions stddaq raises on purpose.
+
+    StddaqError                 base of everything below; CLI entry points turn it into one line
+    ├── ConfigError             a detector config file is missing, not JSON, or invalid (exit 2)
+    ├── UsageError              a command-line value is not allowed (exit 2)
+    └── BusError                the shared-memory / metadata bus cannot be used (exit 1)
+        ├── BufferMissingError  a reader attached to a RAM buffer that no service has created
+        └── BufferLayoutError   a RAM buffer exists but its size is not the one the config implies
+"""
+
+from __future__ import annotations
+
+
+class StddaqError(Exception):
+    """Base class; ``exit_code`` is what a CLI returns when this ends it."""
+
+    exit_code = 1
+
+
+class ConfigError(StddaqError):
+    exit_code = 2
+
+
+class UsageError(StddaqError):
+    exit_code = 2
+
+
+class BusError(StddaqError):
+    exit_code = 1
+
+
+class BufferMissingError(BusError):
+    pass
+
+
+class BufferLayoutError(BusError):
+    pass

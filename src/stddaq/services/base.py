@@ -1,0 +1,218 @@
+"""The shape every service shares: lifecycle, stop flag, fatal-error handling and ``main()``.
+
+A service subclasses ``Service`` and fills in ``_start()`` (bind/connect/map), ``_step()`` (one
+bounded slice of its loop, returning quickly so ``stop()`` is seen) and ``_close()`` (release
+what ``_start`` took). ``run()`` repeats ``_step`` until stopped; ``close()`` releases resources
+and re-raises a fatal error stored by ``run()``. ``service_main`` turns a service into a console
+script: argument errors and config errors exit 2, runtime failures exit 1, SIGTERM/SIGINT stop
+cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import zmq
+
+from stddaq.config import DetectorConfig
+from stddaq.errors import StddaqError, UsageError
+from stddaq.stats import Stats
+
+log = logging.getLogger(__name__)
+
+
+class State(StrEnum):
+    created = "created"
+    running = "running"
+    stopped = "stopped"
+    failed = "failed"
+
+
+class Service:
+    """Base of every stddaq service process (see module docstring)."""
+
+    name = "service"
+
+    def __init__(self, config: DetectorConfig, *, ctx: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.ctx = ctx
+        self._own_ctx = ctx is None
+        self.state = State.created
+        self.endpoints: dict[str, str] = {}
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._fatal: BaseException | None = None
+        self._closed = False
+        self.counters = Stats(config.detector_name, self.name, config.stats_collection_period, clock=clock)
+
+    # ------------------------------------------------------------------ to implement
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _step(self) -> bool:
+        """One slice of work; return False when the service is finished by itself."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Service:
+        if self.ctx is None:
+            self.ctx = zmq.Context()
+        try:
+            self._start()
+        except BaseException:
+            self.state = State.failed
+            self.close_quietly()
+            raise
+        self.state = State.running
+        return self
+
+    def run(self) -> None:
+        """Block until stopped, finished or failed (a failure is re-raised by ``close()``)."""
+        if self.state is State.created:
+            self.start()
+        try:
+            while not self._stop.is_set():
+                if not self._step():
+                    break
+                self.counters.tick()
+        except BaseException as exc:  # noqa: BLE001 - stored and re-raised by close()
+            self._fatal = exc
+            self.last_error = str(exc)
+            self.state = State.failed
+            log.debug("%s failed", self.name, exc_info=True)
+            return
+        self.state = State.stopped
+
+    def stop(self) -> None:
+        """Thread- and signal-safe: the loop ends within one step."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stats(self) -> Mapping[str, int]:
+        """Counters since start (a frozen snapshot)."""
+        return self.counters.totals()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._close()
+            finally:
+                if self._own_ctx and self.ctx is not None:
+                    self.ctx.term()
+                    self.ctx = None
+        if self._fatal is not None:
+            fatal, self._fatal = self._fatal, None
+            raise fatal
+
+    def close_quietly(self) -> None:
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001
+            log.debug("error while closing %s", self.name, exc_info=True)
+
+    def __enter__(self) -> Service:
+        if self.state is State.created:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.close()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors become UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be > 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
+    return value
+
+
+def setup_logging(level: int) -> None:
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+
+
+def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorConfig, Any], Service],
+                 argv: Sequence[str] | None = None) -> int:
+    """Parse, load the config (argument ``detector_json_filename``), run, map errors to exit codes."""
+    parser.prog = prog
+    try:
+        args = parser.parse_args(argv)
+        config = DetectorConfig.load(args.detector_json_filename)
+        setup_logging(config.python_log_level)
+        service = build(config, args)
+    except StddaqError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: %s received, stopping", prog, signal.Signals(signum).name)
+        service.stop()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        service.start()
+        service.run()
+        service.counters.flush()
+        service.close()
+    except StddaqError as exc:
+        service.close_quietly()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, details at debug
+        service.close_quietly()
+        log.debug("%s failed", prog, exc_info=True)
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0

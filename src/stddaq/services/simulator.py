@@ -1,0 +1,155 @@
+"""std_sim: produces images into ``<det>-image`` exactly like the assembly stage would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from stddaq.bus.publisher import ImagePublisher, image_metadata
+from stddaq.config import DetectorConfig
+from stddaq.patterns import Noise, Ramp
+from stddaq.protocol import EGImageMetadata, GFImageMetadata, ImageMetadata, JFImageMetadata, PcoImageMetadata
+from stddaq.services.base import (
+    ArgumentParser,
+    Service,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    service_main,
+)
+
+log = logging.getLogger(__name__)
+
+PATTERNS = ("ramp", "noise")
+
+
+class Simulator(Service):
+    """Writes ``n_images`` (or endless) images at ``rate`` Hz (0 = as fast as possible)."""
+
+    name = "std_sim"
+
+    def __init__(self, config: DetectorConfig, *, rate: float = 0.0, n_images: int | None = None,
+                 start_id: int = 0, pattern: str = "ramp", suffix: str = "image",
+                 wait_subscribers: int = 0, wait_timeout: float = 10.0, linger: float = 1.0, **kw) -> None:
+        super().__init__(config, **kw)
+        if pattern not in PATTERNS:
+            raise ValueError(f"pattern {pattern!r} is not allowed (allowed: {', '.join(PATTERNS)})")
+        self.rate = rate
+        self.n_images = n_images
+        self.start_id = start_id
+        self.pattern = pattern
+        self.suffix = suffix
+        self.wait_subscribers = wait_subscribers
+        self.wait_timeout = wait_timeout
+        self.linger = linger
+        self.next_id = start_id
+        self.publisher: ImagePublisher | None = None
+
+    def _start(self) -> None:
+        config = self.config
+        self._generator = (Ramp if self.pattern == "ramp" else Noise)(config.shape, config.dtype)
+        self.publisher = ImagePublisher(config, self.suffix, ctx=self.ctx).open()
+        self.endpoints = {"metadata": self.publisher.address, "buffer": f"/dev/shm/{self.publisher.layout.name}"}
+        self._metadata = image_metadata(config)
+        self._fill_detector_fields(self._metadata, 0)
+        if self.wait_subscribers:
+            if not self.publisher.wait_for_subscribers(self.wait_subscribers, self.wait_timeout):
+                log.warning("only %d of %d subscribers after %.1f s; starting anyway",
+                            self.publisher.subscriber_count(), self.wait_subscribers, self.wait_timeout)
+        self._t0 = self.clock()
+        log.info("simulating %s %s images %dx%d (%s pattern) on %s at %s", self.n_images or "endless",
+                 config.detector_type, config.image_pixel_height, config.image_pixel_width, self.pattern,
+                 self.publisher.address, f"{self.rate:g} Hz" if self.rate else "full speed")
+
+    def _fill_detector_fields(self, metadata: ImageMetadata, image_id: int) -> None:
+        kind = self.config.detector_type
+        now_ns = time.time_ns()
+        if kind == "gigafrost":
+            metadata.gf.CopyFrom(GFImageMetadata(scan_id=1, scan_time=int(1e6 / self.rate) if self.rate else 0,
+                                                 sync_time=0, frame_timestamp=now_ns // 1000,
+                                                 exposure_time=1000, store_image=True))
+        elif kind == "pco":
+            metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=now_ns // 1_000_000_000,
+                                                   global_timestamp_ns=now_ns % 1_000_000_000,
+                                                   bsread_name=f"{self.config.detector_name}:FPICTURE"))
+        elif kind == "eiger":
+            metadata.eg.CopyFrom(EGImageMetadata(exptime=1000))
+        else:
+            metadata.jf.CopyFrom(JFImageMetadata(daq_rec=image_id & 0xFFFF))
+
+    def _step(self) -> bool:
+        """Publish images for up to 50 ms, pacing them at ``rate``; False when done."""
+        publisher, metadata, stats = self.publisher, self._metadata, self.counters
+        slot_array, fill = publisher.buffer.slot_array, self._generator.fill
+        kind = self.config.detector_type
+        shape, dtype = self.config.shape, self.config.dtype
+        n_bytes = metadata.size
+        clock, rate = self.clock, self.rate
+        step_end = clock() + 0.05  # return often enough for stop() and the stats line
+        end_id = None if self.n_images is None else self.start_id + self.n_images
+        image_id = self.next_id
+        while True:
+            if image_id == end_id:
+                self._finish()
+                return False
+            if rate:
+                wait = self._t0 + (image_id - self.start_id) / rate - clock()
+                if wait > 0.05:
+                    self._stop.wait(0.05)
+                    return True
+                if wait > 0:
+                    time.sleep(wait)
+            publisher.begin(image_id)
+            fill(image_id, slot_array(image_id, shape, dtype))
+            metadata.image_id = image_id
+            if kind == "gigafrost":
+                metadata.gf.frame_timestamp = time.time_ns() // 1000
+            elif kind == "pco":
+                now_ns = time.time_ns()
+                metadata.pco.global_timestamp_sec = now_ns // 1_000_000_000
+                metadata.pco.global_timestamp_ns = now_ns % 1_000_000_000
+            elif kind != "eiger":
+                metadata.jf.daq_rec = image_id & 0xFFFF
+            publisher.publish(metadata)
+            stats.processed(n_bytes)
+            image_id += 1
+            self.next_id = image_id
+            if clock() >= step_end:
+                return True
+
+    def _finish(self) -> None:
+        """Give subscribers time to read the last images before the buffer goes away."""
+        log.info("sent %d images (ids %d..%d)", self.next_id - self.start_id, self.start_id, self.next_id - 1)
+        if self.linger:
+            self._stop.wait(self.linger)
+
+    def _close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close(linger=min(self.linger, 1.0))
+            self.publisher = None
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Simulate a detector: write images into <detector>-image.")
+    parser.add_argument("detector_json_filename", help="path to the detector config file")
+    parser.add_argument("--rate", type=non_negative_float, default=0.0, help="images per second, 0 = as fast as possible")
+    parser.add_argument("--n-images", "-n", type=positive_int, default=None, help="stop after N images (default: endless)")
+    parser.add_argument("--start-id", type=non_negative_int, default=0, help="id of the first image")
+    parser.add_argument("--pattern", choices=PATTERNS, default="ramp")
+    parser.add_argument("--suffix", "-s", default="image", help="channel suffix to write (default: image)")
+    parser.add_argument("--wait-subscribers", type=non_negative_int, default=0,
+                        help="wait for this many metadata subscribers before the first image")
+    parser.add_argument("--linger", type=non_negative_float, default=1.0,
+                        help="seconds to keep the buffer after the last image, for slow readers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return service_main("std_sim", build_parser(), lambda config, a: Simulator(
+        config, rate=a.rate, n_images=a.n_images, start_id=a.start_id, pattern=a.pattern, suffix=a.suffix,
+        wait_subscribers=a.wait_subscribers, linger=a.linger), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

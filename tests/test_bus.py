@@ -1,0 +1,175 @@
+"""ImagePublisher -> ImageSubscriber through real shared memory and real ipc sockets."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+from conftest import wait_until
+
+from stddaq.bus import ImagePublisher, ImageSubscriber, image_metadata
+from stddaq.errors import BufferMissingError
+from stddaq.patterns import ramp
+from stddaq.protocol import ImageMetadata, ImageMetadataCompression, ImageMetadataStatus
+
+
+def _pair(config):
+    publisher = ImagePublisher(config).open()
+    subscriber = ImageSubscriber(config).connect()
+    assert publisher.wait_for_subscribers(1, timeout=5)
+    return publisher, subscriber
+
+
+def test_images_arrive_with_metadata_and_zero_copy_views(make_config) -> None:
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in range(10):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        for image_id in range(10):
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+            assert image.metadata.size == config.image_n_bytes
+            assert image.metadata.status == ImageMetadataStatus.good_image
+            assert image.data.shape == config.shape and image.data.dtype == config.dtype
+            assert np.array_equal(image.data, ramp(image_id, config.shape, config.dtype))
+            assert image.data.base is not None  # a view of the slot, not a copy
+            assert subscriber.confirm(image)
+        assert subscriber.receive(timeout=0.05) is None
+        totals = subscriber.stats.totals()
+        assert totals["processed_times"] == 10 and totals["lost"] == 0 and totals["invalid"] == 0 and totals["gaps"] == 0
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_compressed_image_is_a_blob_of_size_bytes(make_config) -> None:
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        metadata = image_metadata(config, 5)
+        metadata.compression = ImageMetadataCompression.blosc2
+        publisher.publish_image(metadata, b"0123456789abc")
+        image = subscriber.receive(timeout=5)
+        assert image.data.dtype == np.uint8 and image.data.tobytes() == b"0123456789abc"
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_garbage_is_counted_and_the_loop_goes_on(make_config, caplog) -> None:
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        too_big = image_metadata(config, 1)
+        too_big.height = 10_000
+        wrong_size = image_metadata(config, 2)
+        wrong_size.size = 17
+        unknown_dtype = image_metadata(config, 3)
+        unknown_dtype.dtype = 99
+        for junk in (b"\xff\xff\xff", too_big.SerializeToString(), wrong_size.SerializeToString(),
+                     unknown_dtype.SerializeToString()):
+            publisher.socket.send(junk)
+        publisher.socket.send_multipart([b"a", b"b"])
+        publisher.publish_image(image_metadata(config, 4), ramp(4, config.shape, config.dtype))
+        image = subscriber.receive(timeout=5)
+        assert image is not None and image.image_id == 4
+        totals = subscriber.stats.totals()
+        assert totals["invalid"] == 5 and totals["processed_times"] == 1
+        assert "do not fit a slot" in caplog.text or "not an ImageMetadata" in caplog.text
+        assert subscriber.last_error is not None
+        # warned once per period, not once per message
+        assert caplog.text.count("ignoring message") == 1
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_overwritten_slot_is_never_delivered(make_config) -> None:
+    config, _ = make_config(ram_buffer_slots=4)
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in range(10):  # the reader has not read anything: slots of 0..5 are reused
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        delivered = []
+        while (image := subscriber.receive(timeout=0.5)) is not None:
+            assert np.array_equal(image.data, ramp(image.image_id, config.shape, config.dtype))
+            delivered.append(image.image_id)
+        assert delivered == [6, 7, 8, 9]
+        assert subscriber.stats.totals()["lost"] == 6
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_overwrite_while_in_use_is_detected_by_confirm(make_config) -> None:
+    config, _ = make_config(ram_buffer_slots=2)
+    publisher, subscriber = _pair(config)
+    try:
+        publisher.publish_image(image_metadata(config, 0), ramp(0, config.shape, config.dtype))
+        image = subscriber.receive(timeout=5)
+        assert image.intact()
+        publisher.publish_image(image_metadata(config, 2), ramp(2, config.shape, config.dtype))  # same slot
+        assert not image.intact()
+        assert not subscriber.confirm(image)
+        with pytest.raises(RuntimeError, match="overwritten"):
+            image.copy()
+        totals = subscriber.stats.totals()
+        assert totals["lost"] == 1 and totals["processed_times"] == 0
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_gaps_are_counted(make_config) -> None:
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in (1, 2, 5, 6, 10):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        ids = [subscriber.receive(timeout=5).image_id for _ in range(5)]
+        assert ids == [1, 2, 5, 6, 10]
+        assert subscriber.stats.totals()["gaps"] == 2 + 3
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_attach_waits_then_names_missing_buffer(make_config) -> None:
+    config, _ = make_config()
+    subscriber = ImageSubscriber(config).connect()
+    try:
+        started = time.monotonic()
+        with pytest.raises(BufferMissingError, match=rf"/dev/shm/{config.channel('image')} does not exist"):
+            subscriber.attach(wait=0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        subscriber.close()
+
+
+def test_reader_follows_a_restarted_writer(make_config) -> None:
+    config, _ = make_config()
+    ctx = zmq.Context()
+    subscriber = ImageSubscriber(config, ctx=ctx).connect()
+    try:
+        for run in range(2):
+            publisher = ImagePublisher(config, ctx=ctx).open()
+            # a SUB re-sends its subscription on reconnect only while it polls, as a real reader does
+            assert wait_until(lambda p=publisher: subscriber.socket.poll(10) is not None and p.subscriber_count() == 1)
+            publisher.publish_image(image_metadata(config, 0), ramp(run, config.shape, config.dtype))
+            image = subscriber.receive(timeout=5)
+            assert image is not None and np.array_equal(image.data, ramp(run, config.shape, config.dtype))
+            del image
+            publisher.close()
+    finally:
+        subscriber.close()
+        ctx.term()
+
+
+def test_publish_rejects_oversized_image(make_config) -> None:
+    config, _ = make_config()
+    with ImagePublisher(config) as publisher:
+        with pytest.raises(Exception, match="do not fit a slot"):
+            publisher.publish_image(ImageMetadata(image_id=1), np.zeros(config.image_n_bytes + 1, np.uint8))

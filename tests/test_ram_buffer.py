@@ -1,0 +1,93 @@
+"""RamBuffer: layout (offsets, 2 MiB rounding), ownership, attach errors, and the overwrite guard."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import unique_name
+
+from stddaq.bus.ram_buffer import GUARD_SUFFIX, BufferLayout, RamBuffer
+from stddaq.errors import BufferLayoutError, BufferMissingError, BusError
+
+
+def test_layout_offsets_and_size() -> None:
+    layout = BufferLayout("x-image", slot_n_bytes=122880, n_slots=1000)
+    assert layout.offset(0) == 0
+    assert layout.offset(1) == 122880
+    assert layout.offset(1000) == 0
+    assert layout.offset(1234) == 234 * 122880
+    assert layout.n_bytes == 59 * 2 * 1024 * 1024 and layout.n_bytes >= 122880 * 1000
+
+
+def test_create_write_attach_read_unlink() -> None:
+    name = unique_name() + "-image"
+    layout = BufferLayout(name, slot_n_bytes=64, n_slots=4)
+    with RamBuffer.create(layout) as owner:
+        assert os.path.exists(f"/dev/shm/{name}") and os.path.exists(f"/dev/shm/{name}{GUARD_SUFFIX}")
+        assert os.stat(f"/dev/shm/{name}").st_size == 2 * 1024 * 1024
+        owner.begin_write(6)
+        owner.slot_array(6, (4, 8), np.uint16)[:] = np.arange(32).reshape(4, 8)
+        owner.end_write(6)
+        with RamBuffer.attach(layout) as reader:
+            view = reader.slot_array(6, (4, 8), np.uint16)
+            assert np.array_equal(view, np.arange(32).reshape(4, 8))
+            # the bytes are at (6 % 4) * 64 in the object, as a C++ reader expects
+            with open(f"/dev/shm/{name}", "rb") as raw:
+                raw.seek(2 * 64)
+                assert np.frombuffer(raw.read(64), np.uint16).tolist() == list(range(32))
+            assert reader.holds(6) and not reader.holds(2) and not reader.holds(10)
+            with pytest.raises(ValueError):
+                view[0, 0] = 1  # readers map read-only
+            del view
+    assert not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/shm/{name}{GUARD_SUFFIX}")
+
+
+def test_guard_sees_write_in_progress_and_overwrite() -> None:
+    layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
+    with RamBuffer.create(layout) as owner, RamBuffer.attach(layout) as reader:
+        owner.begin_write(3)
+        assert not reader.holds(3)  # being written
+        owner.end_write(3)
+        assert reader.holds(3)
+        owner.begin_write(5)  # same slot, newer image
+        assert not reader.holds(3) and not reader.holds(5)
+        owner.end_write(5)
+        assert reader.holds(5) and not reader.holds(3)
+
+
+def test_attach_missing_names_object_and_creator() -> None:
+    layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
+    with pytest.raises(BufferMissingError, match=rf"/dev/shm/{layout.name} does not exist: start std_sim"):
+        RamBuffer.attach(layout, created_by="std_sim")
+
+
+def test_attach_with_other_size_is_refused() -> None:
+    name = unique_name() + "-image"
+    with RamBuffer.create(BufferLayout(name, slot_n_bytes=1 << 20, n_slots=4)):
+        with pytest.raises(BufferLayoutError, match=r"has 4194304 bytes but this config implies 2097152"):
+            RamBuffer.attach(BufferLayout(name, slot_n_bytes=1 << 20, n_slots=2))
+
+
+def test_second_writer_is_refused() -> None:
+    layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
+    with RamBuffer.create(layout):
+        with pytest.raises(BusError, match="already exists"):
+            RamBuffer.create(layout)
+
+
+def test_unguarded_buffer_from_a_cpp_writer_is_readable() -> None:
+    """A C++ writer creates only the main object: readers work, without overwrite detection."""
+    name = unique_name() + "-image"
+    layout = BufferLayout(name, slot_n_bytes=8, n_slots=2)
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.truncate(layout.n_bytes)
+        f.seek(8)
+        f.write(b"ABCDEFGH")
+    try:
+        with RamBuffer.attach(layout) as reader:
+            assert not reader.guarded and reader.holds(1)
+            assert reader.slot_bytes(1).tobytes() == b"ABCDEFGH"
+    finally:
+        os.unlink(f"/dev/shm/{name}")

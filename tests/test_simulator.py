@@ -1,0 +1,124 @@
+"""std_sim as a real subprocess -> ImageSubscriber in the test: ids, pixels, metadata, cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from stddaq.bus import ImageSubscriber
+from stddaq.patterns import ramp
+from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus, protocol_dtype
+
+SIM = "stddaq.services.simulator"
+
+
+@pytest.mark.parametrize("detector_type,bit_depth,oneof", [
+    ("eiger", 8, "eg"),
+    ("gigafrost", 16, "gf"),
+    ("eiger", 32, "eg"),
+    ("jungfrau-converted", 16, "jf"),
+    ("pco", 16, "pco"),
+])
+def test_every_image_arrives_in_order_with_exact_pixels(make_config, service, detector_type, bit_depth, oneof) -> None:
+    config, path = make_config(detector_type=detector_type, bit_depth=bit_depth, image_pixel_height=30,
+                               image_pixel_width=300, ram_buffer_slots=400)
+    n_images, start_id = 300, 1000
+    with ImageSubscriber(config) as subscriber:
+        sim = service(SIM, path, "--n-images", n_images, "--start-id", start_id, "--wait-subscribers", 1)
+        for expected_id in range(start_id, start_id + n_images):
+            image = subscriber.receive(timeout=10)
+            assert image is not None, f"no image after {expected_id - 1}"
+            meta = image.metadata
+            assert meta.image_id == expected_id
+            assert (meta.height, meta.width) == (30, 300)
+            assert meta.dtype == protocol_dtype(config.dtype)
+            assert meta.size == 30 * 300 * config.dtype.itemsize
+            assert meta.status == ImageMetadataStatus.good_image
+            assert meta.compression == ImageMetadataCompression.none
+            assert meta.WhichOneof("image_metadata") == oneof
+            assert np.array_equal(image.data, ramp(expected_id, config.shape, config.dtype))
+            assert subscriber.confirm(image)
+        if oneof == "gf":
+            assert meta.gf.store_image and meta.gf.frame_timestamp > 0
+        if oneof == "pco":
+            assert meta.pco.bsread_name == f"{config.detector_name}:FPICTURE" and meta.pco.global_timestamp_sec > 1.7e9
+        assert sim.wait(timeout=30) == 0
+        totals = subscriber.stats.totals()
+        assert totals["lost"] == 0 and totals["gaps"] == 0 and totals["invalid"] == 0
+    assert not os.path.exists(f"/dev/shm/{config.channel('image')}")
+
+
+def test_lagging_reader_never_gets_an_overwritten_image(make_config, service) -> None:
+    """Few slots, a fast writer and a slow reader: what the reader uses is good, the rest is counted."""
+    config, path = make_config(ram_buffer_slots=8, image_pixel_height=64, image_pixel_width=64)
+    n_images = 2000
+    good, lost_in_use = 0, 0
+    with ImageSubscriber(config) as subscriber:
+        service(SIM, path, "--n-images", n_images, "--wait-subscribers", 1, "--linger", 3)
+        expected = np.empty(config.shape, config.dtype)
+        last_id = -1
+        while (image := subscriber.receive(timeout=5)) is not None:
+            last_id = image.image_id
+            expected[:] = ramp(image.image_id, config.shape, config.dtype)  # slow work on the view
+            matches = np.array_equal(image.data, expected)
+            if subscriber.confirm(image):
+                assert matches, f"image {image.image_id} confirmed intact but its pixels are wrong"
+                good += 1
+            else:
+                lost_in_use += 1
+        totals = subscriber.stats.totals()
+    assert last_id == n_images - 1
+    assert totals["lost"] > 0, "the reader was expected to fall behind the writer"
+    assert totals["processed_times"] == good
+    assert totals["processed_times"] + totals["lost"] + totals["gaps"] == n_images
+    assert totals["lost"] >= lost_in_use
+
+
+def test_rate_and_stats_line(make_config, service) -> None:
+    config, path = make_config(stats_collection_period=0.3)
+    sim = service(SIM, path, "--rate", 200, "--n-images", 200, "--linger", 0)
+    assert sim.wait(timeout=30) == 0
+    _, err = sim.output()
+    lines = [ln for ln in err.splitlines() if f"detector={config.detector_name},service=std_sim,processed_times=" in ln]
+    assert len(lines) >= 2, err
+    rates = [float(ln.split("repetition_rate_hz=")[1].split(",")[0]) for ln in lines[:-1]]
+    assert all(100 < r < 300 for r in rates), rates
+
+
+def test_sigterm_stops_and_unlinks(make_config, service) -> None:
+    config, path = make_config()
+    sim = service(SIM, path, "--rate", 100)
+    assert wait_until(lambda: os.path.exists(f"/dev/shm/{config.channel('image')}"), timeout=10)
+    sim.proc.send_signal(signal.SIGTERM)
+    assert sim.wait(timeout=10) == 0
+    assert not os.path.exists(f"/dev/shm/{config.channel('image')}")
+    assert not os.path.exists(f"/tmp/{config.channel('image')}")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rate", "-1"], "--rate"),
+    (["--n-images", "0"], "--n-images"),
+    (["--pattern", "zebra"], "--pattern"),
+    (["--start-id", "x"], "--start-id"),
+])
+def test_bad_arguments_exit_2_with_one_line(make_config, service, args, message) -> None:
+    config, path = make_config()
+    sim = service(SIM, path, *args)
+    assert sim.wait(timeout=30) == 2
+    _, err = sim.output()
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_second_simulator_on_same_channel_fails_clearly(make_config, service) -> None:
+    config, path = make_config()
+    first = service(SIM, path, "--rate", 10)
+    assert wait_until(lambda: os.path.exists(f"/dev/shm/{config.channel('image')}"), timeout=10)
+    second = service(SIM, path, "--rate", 10)
+    assert second.wait(timeout=30) == 1
+    _, err = second.output()
+    assert "already exists" in err
+    assert first.proc.poll() is None
