@@ -1,0 +1,1 @@
+"""Wire formats and codecs: pure encode/decode functions, no sockets, no logging."""

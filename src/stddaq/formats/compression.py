@@ -1,0 +1,146 @@
+"""The two image codecs of the bus (SPEC sections 7 and 9), on top of the kept libraries.
+
+- ``h5bitshuffle_lz4``: the chunk format of HDF5 filter 32008 (bitshuffle + LZ4): a 12-byte
+  header (u64 big-endian uncompressed bytes, u32 big-endian block size in bytes), then what
+  ``bitshuffle.compress_lz4`` makes (per block a u32 big-endian length and an LZ4 block, then the
+  last ``n % 8`` elements raw). The element size is not stored: it is the image dtype's.
+- ``blosc2``: one Blosc2 chunk, LZ4 codec, bitshuffle filter, typesize = bytes per pixel.
+
+``decode(metadata, blob)`` gives back the pixels of any bus image, whatever its compression.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import bitshuffle
+import blosc2
+import numpy as np
+
+from stddaq.protocol import ImageMetadataCompression, numpy_dtype
+
+HEADER = struct.Struct(">QI")
+DEFAULT_BLOCK_BYTES = 8192
+BLOSC2_MAX_LEVEL = 9
+
+
+class CodecError(ValueError):
+    """A blob that is not what its metadata says (names the image and what is wrong)."""
+
+
+def default_block_elements(itemsize: int) -> int:
+    """bitshuffle's default block: 8192 bytes worth of elements, a multiple of 8."""
+    return max(8, (DEFAULT_BLOCK_BYTES // itemsize) // 8 * 8)
+
+
+def check_block_bytes(block_bytes: int, itemsize: int) -> int:
+    """Elements per block for a ``-b BLOCK_BYTES`` option (0 = default); ValueError if not allowed."""
+    if block_bytes < 0:
+        raise ValueError(f"block size {block_bytes} is not allowed: must be 0 (default) or a positive multiple of "
+                         f"{8 * itemsize} bytes (8 x {itemsize} bytes per pixel)")
+    if block_bytes == 0:
+        return default_block_elements(itemsize)
+    if block_bytes % (8 * itemsize):
+        raise ValueError(f"block size {block_bytes} bytes is not a multiple of {8 * itemsize} "
+                         f"(8 x {itemsize} bytes per pixel)")
+    return block_bytes // itemsize
+
+
+# ---------------------------------------------------------------- bitshuffle-lz4 (filter 32008)
+def bitshuffle_lz4_encode(pixels: np.ndarray, block_bytes: int = 0) -> np.ndarray:
+    """The filter-32008 chunk of ``pixels`` (header included) as a uint8 array."""
+    pixels = np.ascontiguousarray(pixels)
+    itemsize = pixels.dtype.itemsize
+    block = check_block_bytes(block_bytes, itemsize)
+    body = bitshuffle.compress_lz4(pixels.reshape(-1), block)
+    out = np.empty(HEADER.size + body.nbytes, np.uint8)
+    HEADER.pack_into(out, 0, pixels.nbytes, block * itemsize)
+    out[HEADER.size:] = body
+    return out
+
+
+def bitshuffle_lz4_header(blob: np.ndarray | bytes | memoryview) -> tuple[int, int]:
+    """(uncompressed bytes, block size in bytes) of a filter-32008 chunk."""
+    if len(blob) < HEADER.size:
+        raise CodecError(f"bitshuffle-lz4 blob of {len(blob)} bytes is shorter than its 12-byte header")
+    return HEADER.unpack_from(blob, 0)
+
+
+def bitshuffle_lz4_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype,
+                          shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels of a filter-32008 chunk; CodecError if the header does not fit ``shape``/``dtype``."""
+    dtype = np.dtype(dtype)
+    n_bytes, block_bytes = bitshuffle_lz4_header(blob)
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if n_bytes != expected:
+        raise CodecError(f"bitshuffle-lz4 header says {n_bytes} bytes, image {shape} {dtype} has {expected}")
+    block = block_bytes // dtype.itemsize if block_bytes else default_block_elements(dtype.itemsize)
+    if block <= 0 or block % 8:
+        raise CodecError(f"bitshuffle-lz4 header block size {block_bytes} bytes is not a multiple of "
+                         f"8 x {dtype.itemsize} bytes")
+    body = np.frombuffer(blob, np.uint8)[HEADER.size:]
+    _check_blocks(body, expected // dtype.itemsize, block, dtype.itemsize)
+    try:
+        return bitshuffle.decompress_lz4(body, tuple(shape), dtype, block)
+    except (ValueError, RuntimeError) as exc:
+        raise CodecError(f"bitshuffle-lz4 blob does not decode to {shape} {dtype}: {exc}") from None
+
+
+_BLOCK_LENGTH = struct.Struct(">I")
+
+
+def _check_blocks(body: np.ndarray, n_elements: int, block: int, itemsize: int) -> None:
+    """Walk the block lengths before the C decoder does: it trusts them and would read past the end
+    of a truncated or corrupt blob."""
+    end = len(body)
+    position = 0
+    full, rest = divmod(n_elements, block)
+    last = (rest // 8) * 8
+    for _ in range(full + (1 if last else 0)):
+        if position + 4 > end:
+            raise CodecError(f"bitshuffle-lz4 blob is truncated at byte {position + HEADER.size}")
+        (length,) = _BLOCK_LENGTH.unpack_from(body, position)
+        position += 4 + length
+        if position > end:
+            raise CodecError(f"bitshuffle-lz4 block of {length} bytes runs past the end of the blob")
+    if end - position != (n_elements - full * block - last) * itemsize:
+        raise CodecError(f"bitshuffle-lz4 blob has {end - position} bytes after its blocks, "
+                         f"expected {(n_elements - full * block - last) * itemsize}")
+
+
+# ---------------------------------------------------------------- blosc2
+def blosc2_encode(pixels: np.ndarray, level: int = 5, nthreads: int = 1) -> bytes:
+    """One Blosc2 chunk: LZ4, bitshuffle, typesize = bytes per pixel."""
+    if not 0 <= level <= BLOSC2_MAX_LEVEL:
+        raise ValueError(f"blosc2 level {level} is not allowed (allowed: 0..{BLOSC2_MAX_LEVEL})")
+    pixels = np.ascontiguousarray(pixels)
+    return blosc2.compress2(pixels, typesize=pixels.dtype.itemsize, clevel=level, codec=blosc2.Codec.LZ4,
+                            filters=[blosc2.Filter.BITSHUFFLE], filters_meta=[0], nthreads=nthreads)
+
+
+def blosc2_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    expected = int(np.prod(shape)) * dtype.itemsize
+    try:
+        raw = blosc2.decompress2(blob if isinstance(blob, bytes) else bytes(blob))
+    except (ValueError, RuntimeError) as exc:
+        raise CodecError(f"blosc2 blob does not decode: {exc}") from None
+    if len(raw) != expected:
+        raise CodecError(f"blosc2 blob holds {len(raw)} bytes, image {shape} {dtype} has {expected}")
+    return np.frombuffer(raw, dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- any bus image
+def decode(metadata, blob: np.ndarray | bytes | memoryview) -> np.ndarray:
+    """The (height, width) pixels of a bus image given its ImageMetadata and its slot bytes."""
+    dtype = numpy_dtype(metadata.dtype)
+    shape = (metadata.height, metadata.width)
+    compression = metadata.compression
+    if compression == ImageMetadataCompression.none:
+        return np.frombuffer(blob, dtype, count=shape[0] * shape[1]).reshape(shape)
+    if compression == ImageMetadataCompression.h5bitshuffle_lz4:
+        return bitshuffle_lz4_decode(blob, dtype, shape)
+    if compression == ImageMetadataCompression.blosc2:
+        return blosc2_decode(blob, dtype, shape)
+    raise CodecError(f"image {metadata.image_id}: unknown compression {compression} (allowed: 0 none, "
+                     f"1 h5bitshuffle_lz4, 2 blosc2)")

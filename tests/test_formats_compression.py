@@ -1,0 +1,93 @@
+"""The bus codecs: round trips, the filter-32008 header, independent decoders, bad input."""
+
+from __future__ import annotations
+
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+
+from stddaq.formats.compression import (
+    CodecError,
+    bitshuffle_lz4_decode,
+    bitshuffle_lz4_encode,
+    bitshuffle_lz4_header,
+    blosc2_decode,
+    blosc2_encode,
+    check_block_bytes,
+    decode,
+)
+from stddaq.patterns import ramp
+from stddaq.protocol import ImageMetadata, ImageMetadataCompression, protocol_dtype
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "float32"])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 48)])
+def test_round_trips(dtype: str, shape: tuple[int, int]) -> None:
+    pixels = ramp(11, shape, dtype)
+    assert np.array_equal(bitshuffle_lz4_decode(bitshuffle_lz4_encode(pixels), dtype, shape), pixels)
+    assert np.array_equal(bitshuffle_lz4_decode(bitshuffle_lz4_encode(pixels, 64 * pixels.itemsize), dtype, shape),
+                          pixels)
+    assert np.array_equal(blosc2_decode(blosc2_encode(pixels), dtype, shape), pixels)
+
+
+def test_bitshuffle_header_is_big_endian_bytes_and_block_bytes() -> None:
+    blob = bitshuffle_lz4_encode(ramp(0, (100, 120), "uint16"))
+    assert blob[:12].tobytes() == (100 * 120 * 2).to_bytes(8, "big") + (8192).to_bytes(4, "big")
+    assert bitshuffle_lz4_header(blob) == (24000, 8192)
+    blob = bitshuffle_lz4_encode(ramp(0, (100, 120), "uint32"), block_bytes=1024)
+    assert bitshuffle_lz4_header(blob) == (48000, 1024)
+
+
+def test_hdf5_filter_reads_our_chunks() -> None:
+    pixels = ramp(3, (50, 60), "uint16")
+    bs_blob = bitshuffle_lz4_encode(pixels)
+    f = h5py.File("inmemory.h5", "w", driver="core", backing_store=False)
+    with f:
+        bs = f.create_dataset("bs", (1, 50, 60), "uint16", chunks=(1, 50, 60), **hdf5plugin.Bitshuffle(cname="lz4"))
+        bs.id.write_direct_chunk((0, 0, 0), bs_blob.tobytes())
+        assert np.array_equal(bs[0], pixels)
+
+
+def test_decode_dispatches_on_metadata() -> None:
+    pixels = ramp(8, (10, 12), "uint16")
+    meta = ImageMetadata(image_id=8, height=10, width=12, dtype=protocol_dtype("uint16"))
+    assert np.array_equal(decode(meta, pixels.tobytes()), pixels)
+    meta.compression = ImageMetadataCompression.h5bitshuffle_lz4
+    assert np.array_equal(decode(meta, bitshuffle_lz4_encode(pixels)), pixels)
+    meta.compression = ImageMetadataCompression.blosc2
+    assert np.array_equal(decode(meta, blosc2_encode(pixels)), pixels)
+    meta.compression = 7
+    with pytest.raises(CodecError, match="unknown compression 7"):
+        decode(meta, b"")
+
+
+def test_bad_blobs_and_options_are_named() -> None:
+    pixels = ramp(8, (10, 12), "uint16")
+    with pytest.raises(CodecError, match="shorter than its 12-byte header"):
+        bitshuffle_lz4_decode(b"abc", "uint16", (10, 12))
+    with pytest.raises(CodecError, match="header says 240 bytes"):
+        bitshuffle_lz4_decode(bitshuffle_lz4_encode(pixels), "uint16", (20, 12))
+    with pytest.raises(CodecError, match="blosc2"):
+        blosc2_decode(b"not a blosc chunk at all", "uint16", (10, 12))
+    with pytest.raises(CodecError, match="holds 240 bytes"):
+        blosc2_decode(blosc2_encode(pixels), "uint16", (20, 12))
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        check_block_bytes(100, 2)
+    with pytest.raises(ValueError, match="must be 0"):
+        check_block_bytes(-8, 1)
+    with pytest.raises(ValueError, match="level 12"):
+        blosc2_encode(pixels, level=12)
+
+
+def test_truncated_or_corrupt_bitshuffle_blobs_are_refused_not_crashing() -> None:
+    pixels = ramp(8, (100, 123), "uint16")  # 12300 elements: 3 blocks of 4096, 12 in a short block, 4 raw
+    blob = bitshuffle_lz4_encode(pixels)
+    assert np.array_equal(bitshuffle_lz4_decode(blob, "uint16", (100, 123)), pixels)
+    for cut in (13, 100, len(blob) - 1):
+        with pytest.raises(CodecError):
+            bitshuffle_lz4_decode(blob[:cut], "uint16", (100, 123))
+    corrupt = blob.copy()
+    corrupt[12:16] = 255  # first block claims 4 GB
+    with pytest.raises(CodecError, match="runs past the end"):
+        bitshuffle_lz4_decode(corrupt, "uint16", (100, 123))
