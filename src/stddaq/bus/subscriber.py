@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 #: ids never seen between two that were (dropped before they reached this reader).
 SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps")
 _NONE = int(ImageMetadataCompression.none)
-_NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 
 
@@ -83,6 +82,7 @@ class ImageSubscriber:
         self.buffer: RamBuffer | None = None
         self._buffer_inode: int | None = None
         self._next_inode_check = 0.0
+        self._rcvtimeo = -1
         self.stats = stats or Stats(config.detector_name, f"subscriber-{suffix}", config.stats_collection_period)
         self.stats.declare(*SUBSCRIBER_COUNTERS)
         self.last_error: str | None = None
@@ -162,28 +162,36 @@ class ImageSubscriber:
 
     # ------------------------------------------------------------------ reading
     def receive(self, timeout: float | None = 1.0) -> Image | None:
-        """The next good-to-read image, or None when ``timeout`` seconds pass without one."""
+        """The next good-to-read image, or None when ``timeout`` seconds pass without one.
+
+        The wait is a blocking recv with RCVTIMEO inside libzmq: no Python-level polling, so a
+        reader that keeps up spends one call per image and no CPU while it waits.
+        """
         sock = self.socket
+        rcvtimeo = -1 if timeout is None else max(0, int(timeout * 1000))
+        if rcvtimeo != self._rcvtimeo:
+            sock.setsockopt(zmq.RCVTIMEO, rcvtimeo)
+            self._rcvtimeo = rcvtimeo
         deadline = None
         while True:
             try:
-                frame = sock.recv(_NOBLOCK)
+                frame = sock.recv()
             except zmq.Again:
-                if deadline is None:
-                    if timeout is not None and timeout <= 0:
-                        return None
-                    deadline = float("inf") if timeout is None else time.monotonic() + timeout
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(None if remaining == float("inf") else remaining * 1000):
-                    return None
-                continue
+                return None
             if sock.getsockopt(_RCVMORE):
                 parts = [frame, *sock.recv_multipart()]
                 self._invalid(f"expected 1 message part, got {len(parts)}")
-                continue
-            image = self._accept(frame)
-            if image is not None:
-                return image
+            else:
+                image = self._accept(frame)
+                if image is not None:
+                    return image
+            # a message that gave no image: keep waiting, but not past the caller's timeout
+            if timeout is not None:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + timeout
+                elif now >= deadline:
+                    return None
 
     def __iter__(self) -> Iterator[Image]:
         while True:
