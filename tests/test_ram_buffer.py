@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,5 +91,36 @@ def test_unguarded_buffer_from_a_cpp_writer_is_readable() -> None:
         with RamBuffer.attach(layout) as reader:
             assert not reader.guarded and reader.holds(1)
             assert reader.slot_bytes(1).tobytes() == b"ABCDEFGH"
+    finally:
+        os.unlink(f"/dev/shm/{name}")
+
+
+def test_buffer_of_a_killed_writer_is_replaced_but_never_a_live_one() -> None:
+    name = unique_name() + "-image"
+    layout = BufferLayout(name, slot_n_bytes=8, n_slots=2)
+    code = ("import os, signal, sys\n"
+            "from stddaq.bus.ram_buffer import BufferLayout, RamBuffer\n"
+            f"b = RamBuffer.create(BufferLayout({name!r}, 8, 2))\n"
+            "print('ready', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == -9 and "ready" in proc.stdout
+    assert os.path.exists(f"/dev/shm/{name}")  # left behind: SIGKILL runs no cleanup
+    with RamBuffer.create(layout) as replacement:  # the restarted writer takes over
+        assert replacement.owner
+        with pytest.raises(BusError, match="another service writes this channel"):
+            RamBuffer.create(layout)  # while it lives, nobody else does
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
+def test_buffer_made_by_another_program_is_never_replaced() -> None:
+    name = unique_name() + "-image"
+    layout = BufferLayout(name, slot_n_bytes=8, n_slots=2)
+    with open(f"/dev/shm/{name}", "wb") as f:
+        f.truncate(layout.n_bytes)
+    try:
+        with pytest.raises(BusError, match="already exists"):
+            RamBuffer.create(layout)
+        assert os.path.exists(f"/dev/shm/{name}")
     finally:
         os.unlink(f"/dev/shm/{name}")

@@ -67,9 +67,10 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
 class Supervisor:
     """Runs a list of ServiceSpec as child processes until ``stop()``."""
 
-    def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, out=None) -> None:
+    def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, backoff: float = 0.5, out=None) -> None:
         self.children = [_Child(spec) for spec in specs]
         self.grace = grace
+        self.backoff = backoff
         self._stop = threading.Event()
         self._out = out or sys.stdout
         self._out_lock = threading.Lock()
@@ -133,7 +134,7 @@ class Supervisor:
                 self.failed = f"{child.spec.name} crashed {child.quick_crashes} times in a row (exit code {code})"
                 log.error("%s; stopping the deployment", self.failed)
                 return False
-            pause = min(0.5 * 2 ** (child.quick_crashes - 1), 10.0)
+            pause = min(self.backoff * 2 ** (child.quick_crashes - 1), 10.0)
             log.warning("%s exited with code %d; restarting in %.1f s", child.spec.name, code, pause)
             child.restart_at = now + pause
         return True

@@ -16,6 +16,7 @@ side-car, and readers then say once that they cannot detect overwrites.
 from __future__ import annotations
 
 import _posixshmem
+import fcntl
 import logging
 import mmap
 import os
@@ -60,6 +61,28 @@ class BufferLayout:
         return cls(config.channel(suffix), config.image_n_bytes, config.n_slots)
 
 
+def _unlink(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def _abandoned(name: str) -> bool:
+    """True if ``name`` is a stddaq buffer whose owner is gone (nobody holds its guard's lock)."""
+    try:
+        fd = _posixshmem.shm_open("/" + name + GUARD_SUFFIX, os.O_RDWR, mode=0)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing releases a lock we got
+    return True
+
+
 def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> mmap.mmap:
     flags = (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else (os.O_RDWR if writable else os.O_RDONLY)
     fd = _posixshmem.shm_open("/" + name, flags, mode=0o660)
@@ -91,30 +114,46 @@ class RamBuffer:
         self.data = np.frombuffer(data, dtype=np.uint8)
         self.sequence = np.frombuffer(guard, dtype=np.uint64, count=layout.n_slots) if guard is not None else None
         self._views: dict[tuple, list[np.ndarray | None]] = {}
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, layout: BufferLayout) -> RamBuffer:
-        """Create the slots and the guard; fails if a buffer of that name already exists."""
+        """Create the slots and the guard; fails if a live writer already owns that name.
+
+        The owner holds an flock on the guard object for its lifetime, so a buffer left behind by
+        a writer that was killed (SIGKILL, crash) is recognised and replaced when the writer is
+        restarted, while a live writer's buffer never is. A buffer without a guard was made by
+        another program (a C++ service) and is never touched.
+        """
         try:
             data = _open_shm(layout.name, layout.n_bytes, create=True, writable=True)
         except FileExistsError:
-            raise BusError(
-                f"shared memory /dev/shm/{layout.name} already exists: another service writes this channel, "
-                f"or a crashed one left it behind (remove it with: rm /dev/shm/{layout.name})"
-            ) from None
+            if not _abandoned(layout.name):
+                raise BusError(
+                    f"shared memory /dev/shm/{layout.name} already exists: another service writes this channel "
+                    f"(or a non-stddaq program left it behind: remove it with rm /dev/shm/{layout.name})"
+                ) from None
+            log.warning("/dev/shm/%s was left behind by a writer that is gone; replacing it", layout.name)
+            for name in (layout.name, layout.name + GUARD_SUFFIX):
+                _unlink(name)
+            data = _open_shm(layout.name, layout.n_bytes, create=True, writable=True)
+        lock_fd = None
         try:
-            guard_bytes = _round_up(8 * layout.n_slots)
-            try:
-                _posixshmem.shm_unlink("/" + layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
-            except FileNotFoundError:
-                pass
-            guard = _open_shm(layout.name + GUARD_SUFFIX, guard_bytes, create=True, writable=True)
+            _unlink(layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
+            guard = _open_shm(layout.name + GUARD_SUFFIX, _round_up(8 * layout.n_slots), create=True, writable=True)
+            lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             data.close()
-            _posixshmem.shm_unlink("/" + layout.name)
+            if lock_fd is not None:
+                os.close(lock_fd)
+            for name in (layout.name, layout.name + GUARD_SUFFIX):
+                _unlink(name)
             raise
-        return cls(layout, data, guard, owner=True)
+        buffer = cls(layout, data, guard, owner=True)
+        buffer._lock_fd = lock_fd
+        return buffer
 
     @classmethod
     def attach(cls, layout: BufferLayout, *, created_by: str = "the service that writes this channel") -> RamBuffer:
@@ -209,10 +248,10 @@ class RamBuffer:
                     log.debug("a numpy view of %s is still alive; the mapping goes with it", self.layout.name)
         if self.owner:
             for name in (self.layout.name, self.layout.name + GUARD_SUFFIX):
-                try:
-                    _posixshmem.shm_unlink("/" + name)
-                except FileNotFoundError:
-                    pass
+                _unlink(name)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> RamBuffer:
         return self
