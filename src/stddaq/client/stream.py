@@ -116,3 +116,40 @@ class LiveStreamClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def watch(address: str, *, duration: float | None = None, socket_type: str = "sub", interval: float = 1.0,
+          out=None, clock=time.monotonic) -> int:
+    """`stddaq watch`: print once per ``interval`` the ids received, the rate and the gaps.
+
+    One line per interval: ``frames=N rate_hz=R ids=FIRST..LAST gaps=G shape=[H, W] type=T``, or
+    ``frames=0 (no messages)``. Returns the number of messages received.
+    """
+    import sys
+
+    out = out or sys.stdout
+    total = 0
+    with LiveStreamClient(address, timeout=None, socket_type=socket_type) as client:
+        start = clock()
+        end = None if duration is None else start + duration
+        period = 0
+        while end is None or clock() < end:
+            period += 1
+            period_end = start + period * interval if end is None else min(start + period * interval, end)
+            ids: list[int] = []
+            gaps_before = client.stats["gaps"]
+            last = None
+            while (remaining := period_end - clock()) > 0:
+                message = client.receive(timeout=max(remaining, 0.001))
+                if message is not None:
+                    last = message
+                    ids.append(image_id(message[0]))
+            if last is not None:
+                _, pixels = last
+                print(f"frames={len(ids)} rate_hz={len(ids) / interval:.1f} ids={ids[0]}..{ids[-1]} "
+                      f"gaps={client.stats['gaps'] - gaps_before} shape={list(pixels.shape)} type={pixels.dtype.name}",
+                      file=out, flush=True)
+            else:
+                print(f"frames=0 (no messages from {address})", file=out, flush=True)
+            total += len(ids)
+    return total
