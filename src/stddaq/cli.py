@@ -1,4 +1,4 @@
-"""`stddaq`: the operator's command (up, config check)."""
+"""`stddaq`: the operator's command (up, config check, watch)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", help="validate a config and print the values services derive")
     check.add_argument("file")
     config_sub.add_parser("demo", help="print the built-in demo config")
+
+    watch = sub.add_parser("watch", help="print frame ids, rate and gaps of a live stream once per second")
+    watch.add_argument("address", help="live stream address, e.g. tcp://daq-host:9100")
+    watch.add_argument("--type", choices=("sub", "pull"), default="sub", help="socket type (default: sub)")
+    watch.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
 
 
@@ -35,6 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             from stddaq.deploy import up
             return up(args.config, args.duration)
+        if args.command == "watch":
+            from stddaq.client.stream import watch
+            try:
+                watch(args.address, duration=args.duration, socket_type=args.type)
+            except KeyboardInterrupt:
+                pass
+            return 0
         if args.command == "config":
             if args.config_command == "demo":
                 from stddaq.deploy import demo_config_text

@@ -61,6 +61,9 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
         ServiceSpec("std_sim", py + ["stddaq.services.simulator", path, "--rate", str(DEMO_RATE_HZ if demo else 100)]),
         ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]),
     ]
+    # one std_live_stream per configured address; it reads its mode from live_stream_configs itself
+    specs += [ServiceSpec(f"std_live_stream {address}", py + ["stddaq.services.live_stream", path, address])
+              for address in config.live_stream_configs]
     return specs
 
 

@@ -1,0 +1,170 @@
+"""std_array10_recv / std_bsread_recv: a stream of images into ``<det>-image`` (SPEC section 6).
+
+N sockets (PULL or SUB) connect to one stream address; every message is decoded, checked against
+the config (shape and dtype), copied into the slot of its frame/pulse id and announced with one
+ImageMetadata. A message that does not match the config is counted ``mismatch`` and logged, never
+written: a wrong image in the ring would be handed on as good by everyone downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import zmq
+
+from stddaq.bus.publisher import ImagePublisher, image_metadata
+from stddaq.config import DetectorConfig
+from stddaq.errors import UsageError
+from stddaq.formats import FormatError, array10, bsread
+from stddaq.protocol import PcoImageMetadata
+from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("array-1.0", "bsread")
+SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
+RECEIVER_COUNTERS = ("invalid", "mismatch")
+
+
+def decode_message(stream_type: str, parts: list) -> tuple[int, np.ndarray, dict]:
+    """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``."""
+    if stream_type == "array-1.0":
+        header, pixels = array10.decode(parts)
+        return header["frame"], pixels, {}
+    main, channel, pixels = bsread.decode(parts)
+    stamp = main.get("global_timestamp") or {}
+    return main["pulse_id"], pixels, {"name": channel.name, "sec": stamp.get("sec", 0), "ns": stamp.get("ns", 0)}
+
+
+def check_against_config(config: DetectorConfig, image_id: int, pixels: np.ndarray) -> str | None:
+    """Why an image cannot go into this config's buffer, or None if it fits."""
+    if pixels.shape != config.shape:
+        return f"image {image_id}: shape {list(pixels.shape)} is not the config's {list(config.shape)}"
+    if pixels.dtype != config.dtype:
+        return f"image {image_id}: type {pixels.dtype.name} is not the config's {config.dtype.name}"
+    return None
+
+
+class StreamReceiver(Service):
+    """Connects ``n_connections`` sockets to ``address`` and writes what arrives into ``<det>-image``."""
+
+    def __init__(self, config: DetectorConfig, address: str, *, stream_type: str = "array-1.0",
+                 n_connections: int = 4, socket_type: str = "pull", suffix: str = "image", **kw) -> None:
+        self.name = "std_array10_recv" if stream_type == "array-1.0" else "std_bsread_recv"
+        super().__init__(config, **kw)
+        if stream_type not in FORMATS:
+            raise UsageError(f"stream type {stream_type!r} is not allowed (allowed: {', '.join(FORMATS)})")
+        if socket_type not in SOCKET_TYPES:
+            raise UsageError(f"-t/--type {socket_type!r} is not allowed (allowed: {', '.join(SOCKET_TYPES)})")
+        if n_connections <= 0:
+            raise UsageError(f"-n {n_connections} is not allowed: must be > 0")
+        self.address = address
+        self.stream_type = stream_type
+        self.n_connections = n_connections
+        self.socket_type = socket_type
+        self.suffix = suffix
+        self.sockets: list[zmq.Socket] = []
+        self.publisher: ImagePublisher | None = None
+        self.counters.declare(*RECEIVER_COUNTERS)
+
+    def _start(self) -> None:
+        self.publisher = ImagePublisher(self.config, self.suffix, ctx=self.ctx).open()
+        self.endpoints = {"metadata": self.publisher.address, "stream": self.address}
+        self._poller = zmq.Poller()
+        for _ in range(self.n_connections):
+            sock = self.ctx.socket(SOCKET_TYPES[self.socket_type])
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100)
+            if self.socket_type == "sub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sockets.append(sock)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                raise UsageError(f"cannot connect to stream address {self.address!r}: {exc.strerror}") from None
+            self._poller.register(sock, zmq.POLLIN)
+        self._metadata = image_metadata(self.config)
+        log.info("receiving %s from %s (%d %s connections) into %s", self.stream_type, self.address,
+                 self.n_connections, self.socket_type, self.publisher.layout.name)
+
+    def _close(self) -> None:
+        for sock in self.sockets:
+            sock.close(0)
+        self.sockets.clear()
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
+    def _step(self) -> bool:
+        deadline = self.clock() + 0.05
+        for sock, _ in self._poller.poll(100):
+            while True:
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.handle([p.buffer for p in parts])
+                if self.clock() >= deadline:
+                    return True
+        return True
+
+    def handle(self, parts: list) -> bool:
+        """Write one message into the buffer; False (and counted) if it is not usable."""
+        try:
+            image_id, pixels, extra = decode_message(self.stream_type, parts)
+        except FormatError as exc:
+            self._reject("invalid", str(exc))
+            return False
+        problem = check_against_config(self.config, image_id, pixels)
+        if problem is not None:
+            self._reject("mismatch", problem)
+            return False
+        metadata = self._metadata
+        metadata.image_id = image_id
+        if extra and self.config.detector_type == "pco":
+            metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=extra["sec"], global_timestamp_ns=extra["ns"],
+                                                   bsread_name=extra["name"]))
+        self.publisher.publish_image(metadata, pixels)
+        self.counters.processed(pixels.nbytes)
+        return True
+
+    def _reject(self, counter: str, message: str) -> None:
+        self.counters.add(counter)
+        self.last_error = message
+        self.counters.warn(counter, log, "%s: not written: %s", self.address, message)
+
+
+def build_parser(stream_type: str) -> ArgumentParser:
+    parser = ArgumentParser(description=f"Receive a {stream_type} stream into the <detector>-image bus channel.")
+    parser.add_argument("detector_json_filename", help="path to the detector config file")
+    parser.add_argument("stream_address", help="address of the stream to connect to, e.g. tcp://host:9100")
+    parser.add_argument("-n", "--n_connections", type=positive_int, default=4, help="parallel connections (default 4)")
+    parser.add_argument("-t", "--type", default="pull", help="socket type: pull (default) or sub")
+    return parser
+
+
+def _main(stream_type: str, prog: str, argv: Sequence[str] | None) -> int:
+    return service_main(prog, build_parser(stream_type), lambda config, a: StreamReceiver(
+        config, a.stream_address, stream_type=stream_type, n_connections=a.n_connections, socket_type=a.type), argv)
+
+
+def main_array10(argv: Sequence[str] | None = None) -> int:
+    return _main("array-1.0", "std_array10_recv", argv)
+
+
+def main_bsread(argv: Sequence[str] | None = None) -> int:
+    return _main("bsread", "std_bsread_recv", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m stddaq.services.receiver array-1.0|bsread detector.json address [options]
+    if len(sys.argv) < 2 or sys.argv[1] not in FORMATS:
+        print(f"usage: python -m stddaq.services.receiver {{{'|'.join(FORMATS)}}} detector.json stream_address "
+              "[-n N] [-t pull|sub]", file=sys.stderr)
+        raise SystemExit(2)
+    fmt = sys.argv[1]
+    raise SystemExit(_main(fmt, "std_array10_recv" if fmt == "array-1.0" else "std_bsread_recv", sys.argv[2:]))

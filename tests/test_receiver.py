@@ -1,0 +1,156 @@
+"""std_array10_recv / std_bsread_recv: stream -> <det>-image -> our bus subscriber, pixels exact."""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import zmq
+from conftest import wait_until
+
+from stddaq.bus import ImageSubscriber
+from stddaq.formats import array10, bsread
+from stddaq.formats.compression import bitshuffle_lz4_encode
+from stddaq.patterns import ramp
+from stddaq.services.live_stream import LiveStream
+from stddaq.services.receiver import StreamReceiver
+
+SIM = "stddaq.services.simulator"
+
+
+@contextmanager
+def running(*services):
+    threads = []
+    try:
+        for service in services:
+            if service.state == "created":
+                service.start()
+            thread = threading.Thread(target=service.run, name=f"{service.name}-test")
+            thread.start()
+            threads.append(thread)
+        yield services
+    finally:
+        for service in services:
+            service.stop()
+        for thread in threads:
+            thread.join(10)
+        for service in services:
+            service.close_quietly() if service.state == "failed" else service.close()
+
+
+@pytest.mark.parametrize("stream_type", ["array-1.0", "bsread"])
+def test_simulator_to_stream_to_receiver_to_bus(make_config, service, stream_type: str) -> None:
+    """std_sim -> std_live_stream -> receiver (2 SUB connections) -> <det2>-image -> ImageSubscriber."""
+    source, path = make_config(detector_type="pco", image_pixel_height=20, image_pixel_width=36, ram_buffer_slots=300)
+    target, _ = make_config(detector_type="pco", image_pixel_height=20, image_pixel_width=36, ram_buffer_slots=300)
+    n_images = 120
+    ctx = zmq.Context()
+    live = LiveStream(source, "tcp://127.0.0.1:*", stream_type=stream_type, ctx=ctx)
+    try:
+        live.start()
+        receiver = StreamReceiver(target, live.endpoints["stream"], stream_type=stream_type, n_connections=2,
+                                  socket_type="sub", ctx=ctx)
+        with running(live, receiver), ImageSubscriber(target, ctx=ctx) as subscriber:
+            assert wait_until(lambda: live.subscribers >= 2, timeout=10)
+            sim = service(SIM, path, "--n-images", n_images, "--rate", 300, "--wait-subscribers", 1)
+            ids = []
+            while (image := subscriber.receive(timeout=3)) is not None:
+                assert np.array_equal(image.data, ramp(image.image_id, target.shape, target.dtype))
+                assert subscriber.confirm(image)
+                if stream_type == "bsread":
+                    assert image.metadata.pco.bsread_name == f"{source.detector_name}:FPICTURE"
+                ids.append(image.image_id)
+            assert sim.wait(timeout=30) == 0
+            totals = receiver.stats()
+    finally:
+        ctx.term()
+    # two SUB connections to one PUB: each image arrives twice and is written twice, same bytes
+    assert sorted(set(ids)) == list(range(n_images))
+    assert totals["invalid"] == totals["mismatch"] == 0
+    assert totals["processed_times"] == 2 * n_images
+
+
+@pytest.mark.parametrize("stream_type", ["array-1.0", "bsread"])
+def test_push_stream_with_bad_messages_only_good_ones_written(make_config, stream_type: str) -> None:
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12, ram_buffer_slots=100)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{push.bind_to_random_port('tcp://127.0.0.1')}"
+    encoder = bsread.BsreadEncoder(config.shape, config.dtype)
+
+    def message(image_id: int, shape=config.shape, dtype=config.dtype) -> list:
+        pixels = ramp(image_id, shape, dtype)
+        if stream_type == "array-1.0":
+            return array10.encode(image_id, pixels)
+        enc = encoder if shape == config.shape and dtype == config.dtype else bsread.BsreadEncoder(shape, dtype)
+        return enc.parts(image_id, "x:y", 1, 2, bitshuffle_lz4_encode(pixels))
+
+    receiver = StreamReceiver(config, address, stream_type=stream_type, n_connections=3, ctx=ctx)
+    try:
+        with running(receiver), ImageSubscriber(config, ctx=ctx) as subscriber:
+            # the receiver's metadata PUB drops what is sent before our SUB is connected: probe first
+            probe = 1000
+            assert wait_until(lambda: (push.send_multipart(message(probe), zmq.NOBLOCK) or True)
+                              and subscriber.receive(timeout=0.2) is not None, timeout=10)
+            sent = [10, 11, 13, 14]
+            push.send_multipart(message(10))
+            push.send_multipart(message(11))
+            push.send_multipart(message(12, shape=(12, 8)))  # shape of another detector
+            push.send_multipart(message(13))
+            push.send_multipart(message(15, dtype=np.uint8))  # type of another detector
+            push.send_multipart([b'{"htype":"nonsense"}', b""])  # not the format at all
+            push.send_multipart(message(14))
+            got = []
+            while (image := subscriber.receive(timeout=1.5)) is not None:
+                if image.image_id != probe:
+                    assert np.array_equal(image.data, ramp(image.image_id, config.shape, config.dtype))
+                    got.append(image.image_id)
+            totals = receiver.stats()
+            last_error = receiver.last_error
+    finally:
+        push.close(0)
+        ctx.term()
+    assert sorted(got) == sent
+    assert totals["mismatch"] == 2 and totals["invalid"] == 1, dict(totals)
+    # messages of 3 connections arrive in any order: the last error is one of the three
+    assert any(text in last_error for text in ("type uint8", "shape [12, 8]", "'htype'", "has 2 parts")), last_error
+
+
+@pytest.mark.parametrize("args,message", [
+    (["array-1.0", "-t", "router"], "-t/--type 'router' is not allowed (allowed: pull, sub)"),
+    (["bsread", "-n", "0"], "-n/--n_connections"),
+    (["array-1.0", "-n", "x"], "-n/--n_connections"),
+])
+def test_cli_bad_input_exits_2(make_config, service, args: list, message: str) -> None:
+    config, path = make_config()
+    fmt, *options = args
+    proc = service("stddaq.services.receiver", fmt, path, "tcp://127.0.0.1:5999", *options)
+    assert proc.wait(timeout=30) == 2
+    _, err = proc.output()
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_cli_receives_and_stops_cleanly(make_config, service) -> None:
+    config, path = make_config(image_pixel_height=8, image_pixel_width=12)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with ImageSubscriber(config, ctx=ctx) as subscriber:
+            proc = service("stddaq.services.receiver", "array-1.0", path, f"tcp://127.0.0.1:{port}", "-n", "2")
+            ok = wait_until(lambda: (push.send_multipart(array10.encode(7, ramp(7, config.shape, config.dtype)),
+                                                         zmq.NOBLOCK) if push.poll(0, zmq.POLLOUT) else None) is None
+                            and (image := subscriber.receive(timeout=0.2)) is not None
+                            and np.array_equal(image.data, ramp(7, config.shape, config.dtype)), timeout=15)
+            assert ok
+        assert proc.stop() == 0
+    finally:
+        push.close(0)
+        ctx.term()
+    _, err = proc.output()
+    assert "receiving array-1.0" in err and json  # log line of the start
