@@ -187,7 +187,10 @@ def test_every_mode_and_format_to_several_subscribers(make_config, service, stre
         starts = raw_ids[::2]
         assert all(raw_ids[k + 1] == raw_ids[k] + 1 for k in range(0, len(raw_ids) - 1, 2)), raw_ids
         assert 10 <= len(starts) <= 20, raw_ids
-        assert all(10 <= d <= 30 for d in np.diff(starts)), raw_ids
+        # windows open every 100 ms = 20 images on average; one late window (a busy CI core) may
+        # stretch a gap, but the schedule does not drift
+        assert all(5 <= d <= 45 for d in np.diff(starts)), raw_ids
+        assert 15 <= float(np.mean(np.diff(starts))) <= 25, raw_ids
     assert totals["selected"] == totals["sent"] == len(raw_ids)
     assert totals["processed_times"] == n_images
     assert all(totals[k] == 0 for k in totals if k.startswith("dropped_")), totals
