@@ -257,7 +257,10 @@ class Progress:
 
 def record_command(url: str, path: str, n_images: int, prefix: str | None = None, start_id: int | None = None,
                    out=None) -> int:
-    """`stddaq record`: exit 0 only when the files were saved; Ctrl-C stops and waits for the files."""
+    """`stddaq record`: exit 0 only when the files were saved; Ctrl-C stops and waits for the files.
+
+    Progress goes to ``out`` (stderr), the list of files to stdout, so a script can take it.
+    """
     import signal
     import sys
 
@@ -302,9 +305,9 @@ def record_command(url: str, path: str, n_images: int, prefix: str | None = None
         print(f"stddaq record: {result.status}: {result.reason or 'no reason given'} "
               f"(after {result.count} images)", file=sys.stderr)
         return 1
-    print(f"recorded {result.count} images; files:", file=out)
+    print(f"recorded {result.count} images; files:")
     for file in result.files:
-        print(f"  {file}", file=out)
+        print(f"  {file}")
     if not result.files:
-        print(f"  (not visible from here: {path}/{prefix or 'file'}*.h5 on the driver's host)", file=out)
+        print(f"  (not visible from here: {path}/{prefix or 'file'}*.h5 on the driver's host)")
     return 0
