@@ -12,10 +12,12 @@
 - ``write_master``: ``<prefix>_master.h5``, a virtual dataset over all raw files in image_id
   order (relative source paths, so the folder can be moved) plus the merged metadata.
 
-Alignment: H5Pset_alignment to the GPFS block size only pays when a chunk is about a block; a
-small chunk aligned to 16 MiB would make a file of 123 KB images hundreds of times too big. So
-only raw chunks are aligned, to the largest power of two <= the block size that wastes at most
-0.5% per chunk; compressed chunks and metadata are never aligned.
+Alignment: H5Pset_alignment to the GPFS block size would make a file of small compressed
+chunks hundreds of times too big, and even for raw chunks of about a block it leaves a hole of up
+to a block after the file header. So only raw chunks are aligned, to the largest power of two
+<= min(block size, 1 MiB) that wastes at most 0.5% per chunk: chunk starts stay on GPFS
+sub-block boundaries, and a file is at most 1% plus one partly filled chunk above its image bytes
+(tested). Compressed chunks and metadata are never aligned.
 
 Disk full: before writing, a file checks that the bytes it is about to write fit the free space
 of its file system (and the process' RLIMIT_FSIZE) with a reserve for HDF5's own metadata, and
@@ -49,7 +51,9 @@ METADATA_RESERVE = 1024 * 1024
 #: Re-read the free space after this many bytes at the latest (other writers share the disk).
 FREE_SPACE_RECHECK = 256 * 1024 * 1024
 #: Metadata rows per chunk of the compound datasets (16 bytes a row in raw files).
-METADATA_CHUNK_ROWS = 4096
+METADATA_CHUNK_ROWS = 1024
+#: Chunks are aligned to at most this (see the module docstring).
+ALIGNMENT_CAP = 1024 * 1024
 #: HDF5 file format bounds: SWMR needs >= v110; v110 files are readable by HDF5 1.10 and later.
 LIBVER = ("v110", "v110")
 
@@ -75,8 +79,8 @@ def chunk_images(image_n_bytes: int, gpfs_block_size: int) -> int:
 
 
 def chunk_alignment(chunk_n_bytes: int, gpfs_block_size: int, max_waste: float = 0.005) -> int:
-    """The largest power of two <= the block size whose padding wastes at most ``max_waste``."""
-    alignment = 1 << (max(gpfs_block_size, 1).bit_length() - 1)
+    """The largest power of two <= min(block size, 1 MiB) whose padding wastes at most ``max_waste``."""
+    alignment = 1 << (max(min(gpfs_block_size, ALIGNMENT_CAP), 1).bit_length() - 1)
     while alignment > 4096:
         padding = -chunk_n_bytes % alignment
         if padding <= max_waste * chunk_n_bytes:
