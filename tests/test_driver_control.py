@@ -142,3 +142,18 @@ def test_record_image_bytes_equal_protobuf(image_id: int, name_len: int) -> None
     assert record_image_bytes(metadata.SerializeToString()) == action.SerializeToString()
     parsed = WriterAction.FromString(record_image_bytes(metadata.SerializeToString()))
     assert parsed.record_image.image_metadata == metadata
+
+
+def test_plan_starts_writers_metadata_writer_and_driver(make_config) -> None:
+    from stddaq.deploy import DRIVER_PORT, plan
+
+    config, path = make_config(number_of_writers=2)
+    specs = {spec.name: spec.argv for spec in plan(config, path)}
+    assert specs["std_det_writer-0"][-3:] == ["stddaq.services.writer", str(path), "0"]
+    assert specs["std_det_writer-1"][-3:] == ["stddaq.services.writer", str(path), "1"]
+    assert specs["std_det_writer-meta"][-3:] == ["stddaq.services.writer", str(path), "meta"]
+    assert specs["std_det_driver"][-5:] == ["stddaq.services.driver", str(path), "-m", "-p", str(DRIVER_PORT)]
+    names = list(specs)
+    assert names.index("std_det_driver") > max(names.index(n) for n in names if n.startswith("std_det_writer"))
+    config, path = make_config(number_of_writers=0)
+    assert not [name for name in (spec.name for spec in plan(config, path)) if name.startswith("std_det")]

@@ -224,6 +224,7 @@ class Progress:
         self._samples: list[tuple[float, int]] = []
         self._last_status: str | None = None
         self._last_line = 0.0
+        self._count = 0
 
     def rate(self, now: float, count: int) -> float:
         self._samples.append((now, count))
@@ -234,7 +235,7 @@ class Progress:
 
     def line(self, message: dict[str, Any], now: float) -> str:
         status = message["status"]
-        count = int(message.get("count", 0))
+        count = self._count = int(message.get("count", self._count))  # file_saved has no count: keep the last
         rate = self.rate(now, count)
         filled = min(self.width, self.width * count // self.total) if self.total else 0
         bar = "#" * filled + "." * (self.width - filled)
