@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -148,27 +149,37 @@ def check_ramp(data: np.ndarray, ids: np.ndarray, config) -> None:
 
 
 # ---------------------------------------------------------------------- the documented session
+def documented_session() -> tuple[list[dict], list[str]]:
+    """The commands and the statuses (repeats collapsed) of README's documented session."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"a documented session.*?```\n(.*?)```", readme, re.S).group(1)
+    commands = [json.loads(line[3:]) for line in block.splitlines() if line.startswith("-> ")]
+    statuses = [json.loads(line[3:])["status"] for line in block.splitlines() if line.startswith("<- ")]
+    return commands, [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]]
+
+
 def test_documented_session_then_the_files(deployment, service) -> None:
     d = deployment(2, meta=True, ram_buffer_slots=500)
     config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
     det = config.detector_name
+    commands, expected = documented_session()
+    assert [c["command"] for c in commands] == ["start", "stop"]
+    start = dict(commands[0], path=str(run_dir))
     service(SIM, path, "--rate", 200)
     assert session.next()["status"] == "idle"
-    start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "file_prefix": "scan_"})
+    start_when_writers_ready(session, start)
     counts = []
     while not counts or counts[-1] < 40:
         message = session.status("recording")
         counts.append(message["count"])
     assert counts == sorted(counts) and counts[-1] >= 40
-    session.send({"command": "stop"})
+    session.send(commands[1])
     session.status("stop")
     saving = session.status("saving_file")
     session.status("file_saved")
     session.status("idle", timeout=5)
     statuses = [m["status"] for m in session.transcript]
     collapsed = [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]]
-    expected = ["idle", "creating_file", "waiting_for_first_image", "recording", "stop", "saving_file",
-                "file_saved", "idle"]
     assert collapsed[-len(expected):] == expected, collapsed
     assert all(set(m) == {"status", "count"} for m in session.transcript if m["status"] in ("recording", "saving_file"))
     n = saving["count"]
