@@ -265,3 +265,19 @@ def test_strided_runs() -> None:
     assert _strided_runs(np.array([0, 3, 6, 9])) == [(0, 4, 0, 3)]
     assert _strided_runs(np.array([4])) == [(0, 1, 4, 1)]
     assert _strided_runs(np.array([3, 0, 4])) == [(0, 1, 3, 1), (1, 2, 0, 4)]
+
+
+def test_create_on_a_full_disk_is_refused(tmp_path) -> None:
+    """Under RLIMIT_FSIZE smaller than the reserve, in a subprocess (the limit is per process)."""
+    code = textwrap.dedent(f"""
+        import resource
+        from stddaq.errors import StorageError
+        from stddaq.storage import ImageFile
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            ImageFile.create({str(tmp_path / "f.h5")!r}, "det", (4, 4), "<u2")
+        except StorageError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "disk full" in out and "f.h5" in out, out

@@ -156,11 +156,10 @@ def _check_directory(path: Path) -> None:
 
 def _create_h5(path: Path, **kw) -> h5py.File:
     _check_directory(path)
-    guard = _SpaceGuard(path)
-    try:
-        guard.check(0, 0)
-    except OSError as exc:
-        raise StorageError(f"cannot create {path}: {exc.strerror}") from None
+    free = _SpaceGuard(path)._measure(0)
+    if free < 0:
+        raise StorageError(f"cannot create {path}: disk full ({free + METADATA_RESERVE} bytes free, "
+                           f"{METADATA_RESERVE} needed at least)")
     try:
         return h5py.File(path, "w", libver=LIBVER, **kw)
     except (OSError, RuntimeError, ValueError) as exc:
