@@ -31,7 +31,23 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("address", help="live stream address, e.g. tcp://daq-host:9100")
     watch.add_argument("--type", choices=("sub", "pull"), default="sub", help="socket type (default: sub)")
     watch.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    record = sub.add_parser("record", help="record images to HDF5 files through a writer driver (std_det_driver)")
+    record.add_argument("--driver", required=True, help="websocket of the driver, e.g. ws://localhost:8080")
+    record.add_argument("--path", required=True, help="directory for the files (must exist on the driver's host)")
+    record.add_argument("--n-images", type=_positive_int, required=True, help="number of images to record")
+    record.add_argument("--prefix", default=None, help="file name prefix (driver default: file)")
+    record.add_argument("--start-id", type=int, default=None, help="skip images with a smaller id")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be > 0")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             except KeyboardInterrupt:
                 pass
             return 0
+        if args.command == "record":
+            from stddaq.client.record import record_command
+            return record_command(args.driver, args.path, args.n_images, args.prefix, args.start_id)
         if args.command == "config":
             if args.config_command == "demo":
                 from stddaq.deploy import demo_config_text

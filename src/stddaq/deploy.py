@@ -25,6 +25,7 @@ from stddaq.config import DetectorConfig
 log = logging.getLogger("stddaq.up")
 
 DEMO_RATE_HZ = 1000
+DRIVER_PORT = 8080  # the writer driver's websocket, upstream's default
 MAX_QUICK_RESTARTS = 5
 QUICK = 10.0  # a child that dies sooner than this after its start counts as a quick crash
 
@@ -64,6 +65,12 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
     # one std_live_stream per configured address; it reads its mode from live_stream_configs itself
     specs += [ServiceSpec(f"std_live_stream {address}", py + ["stddaq.services.live_stream", path, address])
               for address in config.live_stream_configs]
+    if config.number_of_writers > 0:  # HDF5 writing: the writers first, then the driver that drives them
+        specs += [ServiceSpec(f"std_det_writer-{i}", py + ["stddaq.services.writer", path, str(i)])
+                  for i in range(config.number_of_writers)]
+        specs.append(ServiceSpec("std_det_writer-meta", py + ["stddaq.services.writer", path, "meta"]))
+        specs.append(ServiceSpec("std_det_driver", py + ["stddaq.services.driver", path, "-m",
+                                                         "-p", str(DRIVER_PORT)]))
     return specs
 
 

@@ -1,4 +1,5 @@
-"""What users import: clients that need only numpy, pyzmq and the stream formats (no HDF5, no Redis)."""
+"""What users import: clients of stddaq services that need only numpy, pyzmq, websockets and the
+stream formats (no HDF5, no Redis): live stream subscriber, recording client."""
 
 from stddaq.client.stream import LiveStreamClient, image_id
 

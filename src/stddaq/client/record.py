@@ -1,0 +1,314 @@
+"""Start a recording on a writer driver (std_det_driver) and follow it to its end.
+
+Async use::
+
+    async with DriverClient("ws://daq-host:8080") as driver:
+        result = await driver.record("/data/run1", n_image=1000, on_status=print)
+    result.ok, result.count, result.files
+
+or the blocking ``record(url, path, n_image=...)``. The protocol is SPEC 8: the client sends
+``start``/``stop`` as JSON text frames; the driver pushes ``{"status": ...}`` at 10 Hz and on every
+change, and answers a bad command with ``error`` and a busy driver with ``rejected``. A recording
+is over at ``file_saved`` (success) or ``error``; ``rejected`` means it never started.
+
+Only ``websockets`` is needed (no HDF5): a laptop can drive a recording.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Statuses that end a recording, as far as the client is concerned.
+FINAL = frozenset({"file_saved", "error", "rejected"})
+#: Statuses that say a recording is under way (a stop then makes sense).
+ACTIVE = frozenset({"creating_file", "waiting_for_first_image", "recording", "stop", "saving_file"})
+
+
+class DriverError(Exception):
+    """The driver could not be reached, or it closed the connection before the recording ended."""
+
+
+@dataclass
+class RecordResult:
+    """How a recording ended: ``status`` file_saved (ok), error or rejected, with the driver's words."""
+
+    status: str
+    count: int = 0
+    reason: str | None = None
+    files: list[Path] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "file_saved"
+
+
+class DriverClient:
+    """One websocket connection to a driver; ``statuses()`` yields every message it pushes."""
+
+    def __init__(self, url: str, *, open_timeout: float = 10.0) -> None:
+        if not re.match(r"^wss?://", url):
+            raise ValueError(f"driver address {url!r} must look like ws://host:port")
+        self.url = url
+        self.open_timeout = open_timeout
+        self._connection = None
+
+    async def __aenter__(self) -> DriverClient:
+        from websockets.asyncio.client import connect
+
+        try:
+            self._connection = await connect(self.url, open_timeout=self.open_timeout, close_timeout=1)
+        except (OSError, TimeoutError) as exc:
+            raise DriverError(f"cannot connect to the driver at {self.url}: {exc}") from None
+        except Exception as exc:  # websockets' handshake errors
+            raise DriverError(f"cannot connect to the driver at {self.url}: {type(exc).__name__}: {exc}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self._connection.send(json.dumps(message))
+
+    async def start(self, path: str, *, n_image: int | None = None, file_prefix: str | None = None,
+                    writer_id: int | None = None, start_id: int | None = None) -> None:
+        """Send start; only the given fields are sent (the driver applies its defaults)."""
+        message: dict[str, Any] = {"command": "start", "path": str(path)}
+        for key, value in (("n_image", n_image), ("file_prefix", file_prefix), ("writer_id", writer_id),
+                           ("start_id", start_id)):
+            if value is not None:
+                message[key] = value
+        await self.send(message)
+
+    async def stop(self) -> None:
+        await self.send({"command": "stop"})
+
+    async def next_status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next message the driver pushes; DriverError if the connection ends or times out."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            frame = await asyncio.wait_for(self._connection.recv(), timeout)
+        except ConnectionClosed as exc:
+            raise DriverError(f"the driver at {self.url} closed the connection ({exc})") from None
+        except TimeoutError:
+            raise DriverError(f"no status from the driver at {self.url} for {timeout:g} s") from None
+        try:
+            message = json.loads(frame)
+        except json.JSONDecodeError:
+            raise DriverError(f"the driver sent a message that is not JSON: {frame!r:.80}") from None
+        if not isinstance(message, dict) or "status" not in message:
+            raise DriverError(f"the driver sent a message without status: {frame!r:.80}")
+        return message
+
+    async def statuses(self, timeout: float | None = 5.0) -> AsyncIterator[dict[str, Any]]:
+        """Every status message, for as long as the caller iterates (10 Hz at least)."""
+        while True:
+            yield await self.next_status(timeout)
+
+    async def record(self, path: str, *, n_image: int | None = None, file_prefix: str | None = None,
+                     start_id: int | None = None, writer_id: int | None = None,
+                     on_status: Callable[[dict[str, Any]], None] | None = None,
+                     stop_event: asyncio.Event | None = None, timeout: float = 10.0) -> RecordResult:
+        """Start and follow one recording to file_saved / error / rejected.
+
+        Setting ``stop_event`` sends stop once and keeps following until the files are closed.
+        The driver shows a previous run's end (file_saved or error) for a moment before it is
+        idle again; the start is sent only once that has passed, so every final status after the
+        start is this run's (or the answer to the start itself).
+        """
+        first = await self.next_status(timeout)
+        deadline = time.monotonic() + timeout
+        while first["status"] in ("file_saved", "error") and time.monotonic() < deadline:
+            first = await self.next_status(timeout)
+        started_at = time.time()
+        await self.start(path, n_image=n_image, file_prefix=file_prefix, start_id=start_id, writer_id=writer_id)
+        seen_busy = False
+        stop_sent = False
+        statuses: list[dict[str, Any]] = []
+        stop_wait = asyncio.ensure_future(stop_event.wait()) if stop_event is not None else None
+        try:
+            while True:
+                if stop_wait is not None and stop_wait.done() and not stop_sent:
+                    await self.stop()
+                    stop_sent = True
+                receive = asyncio.ensure_future(self.next_status(timeout))
+                waits = {receive} if stop_wait is None or stop_sent else {receive, stop_wait}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not receive.done():
+                    receive.cancel()
+                    await asyncio.gather(receive, return_exceptions=True)
+                    continue
+                message = receive.result()
+                status = message["status"]
+                statuses.append(message)
+                if on_status is not None:
+                    on_status(message)
+                if status in ACTIVE:
+                    seen_busy = True
+                    continue
+                if status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL):
+                    files = list_files(path, file_prefix or "file", since=started_at) if status == "file_saved" else []
+                    return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses)
+        finally:
+            if stop_wait is not None and not stop_wait.done():
+                stop_wait.cancel()
+                await asyncio.gather(stop_wait, return_exceptions=True)
+
+
+def _last_count(statuses: list[dict[str, Any]]) -> int:
+    for message in reversed(statuses):
+        if "count" in message:
+            return int(message["count"])
+    return 0
+
+
+def list_files(path: str | Path, prefix: str, since: float = 0.0) -> list[Path]:
+    """The files a recording wrote: ``<prefix><i>.h5``, ``<prefix>Meta.h5``, ``<prefix>_master.h5``.
+
+    Only files changed since ``since`` (a few seconds of slack for file-system clocks) are listed,
+    so files of an earlier recording with more writers are not taken for this one's. Empty when
+    the directory is not visible from here (the driver may run on another host).
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+|Meta|_master)\.h5")
+    directory = Path(path)
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        if pattern.fullmatch(entry.name):
+            try:
+                if entry.stat().st_mtime >= since - 5:
+                    found.append(entry)
+            except OSError:
+                continue
+    return found
+
+
+def record(url: str, path: str, *, n_image: int | None = None, file_prefix: str | None = None,
+           start_id: int | None = None, on_status: Callable[[dict[str, Any]], None] | None = None) -> RecordResult:
+    """Blocking form of ``DriverClient.record``."""
+
+    async def run() -> RecordResult:
+        async with DriverClient(url) as driver:
+            return await driver.record(path, n_image=n_image, file_prefix=file_prefix, start_id=start_id,
+                                       on_status=on_status)
+
+    return asyncio.run(run())
+
+
+# ---------------------------------------------------------------------- `stddaq record`
+class Progress:
+    """A one-line progress bar with the rate of the last second (plain lines when not a terminal)."""
+
+    def __init__(self, total: int, out, *, width: int = 30, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.out = out
+        self.width = width
+        self.clock = clock
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self._samples: list[tuple[float, int]] = []
+        self._last_status: str | None = None
+        self._last_line = 0.0
+        self._count = 0
+
+    def rate(self, now: float, count: int) -> float:
+        self._samples.append((now, count))
+        while len(self._samples) > 2 and now - self._samples[0][0] > 1.0:
+            self._samples.pop(0)
+        t0, c0 = self._samples[0]
+        return (count - c0) / (now - t0) if now > t0 else 0.0
+
+    def line(self, message: dict[str, Any], now: float) -> str:
+        status = message["status"]
+        count = self._count = int(message.get("count", self._count))  # file_saved has no count: keep the last
+        rate = self.rate(now, count)
+        filled = min(self.width, self.width * count // self.total) if self.total else 0
+        bar = "#" * filled + "." * (self.width - filled)
+        return f"[{bar}] {count}/{self.total} images {rate:8.1f} img/s  {status}"
+
+    def update(self, message: dict[str, Any]) -> None:
+        now = self.clock()
+        status = message["status"]
+        text = self.line(message, now)
+        if self.tty:
+            self.out.write("\r" + text.ljust(78))
+            if status in FINAL:
+                self.out.write("\n")
+        elif status != self._last_status or now - self._last_line >= 1.0 or status in FINAL:
+            self.out.write(text + "\n")
+            self._last_line = now
+        self._last_status = status
+        self.out.flush()
+
+
+def record_command(url: str, path: str, n_images: int, prefix: str | None = None, start_id: int | None = None,
+                   out=None) -> int:
+    """`stddaq record`: exit 0 only when the files were saved; Ctrl-C stops and waits for the files.
+
+    Progress goes to ``out`` (stderr), the list of files to stdout, so a script can take it.
+    """
+    import signal
+    import sys
+
+    out = out or sys.stderr
+    progress = Progress(n_images, out)
+
+    async def run() -> RecordResult:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        presses = 0
+
+        def on_interrupt() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                out.write("\nstopping: waiting for the writers to close the files (Ctrl-C again to leave now)\n")
+                stop.set()
+            else:
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        loop.add_signal_handler(signal.SIGTERM, on_interrupt)
+        try:
+            async with DriverClient(url) as driver:
+                return await driver.record(path, n_image=n_images, file_prefix=prefix, start_id=start_id,
+                                           on_status=progress.update, stop_event=stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        result = asyncio.run(run())
+    except DriverError as exc:
+        print(f"stddaq record: error: {exc}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print("stddaq record: left before the driver confirmed the files (the recording goes on or ends "
+              "without this client)", file=sys.stderr)
+        return 1
+    if not result.ok:
+        print(f"stddaq record: {result.status}: {result.reason or 'no reason given'} "
+              f"(after {result.count} images)", file=sys.stderr)
+        return 1
+    print(f"recorded {result.count} images; files:")
+    for file in result.files:
+        print(f"  {file}")
+    if not result.files:
+        print(f"  (not visible from here: {path}/{prefix or 'file'}*.h5 on the driver's host)")
+    return 0

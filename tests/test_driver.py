@@ -1,0 +1,428 @@
+"""std_det_driver end to end: real websocket, real writers and simulator as subprocesses, real files.
+
+The first test replays the documented session of README ("Recording to HDF5"): start, the statuses
+with their counts, stop, saving_file, file_saved, idle; then it reads the files back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 - registers the filters h5py needs to read compressed files
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from stddaq.bus import ImagePublisher, image_metadata
+from stddaq.config import DetectorConfig
+from stddaq.formats.compression import bitshuffle_lz4_encode
+from stddaq.patterns import ramp
+from stddaq.protocol import ImageMetadataCompression
+
+DRIVER = "stddaq.services.driver"
+WRITER = "stddaq.services.writer"
+SIM = "stddaq.services.simulator"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Session:
+    """A websocket client that keeps the transcript of everything the driver pushed."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        from websockets.sync.client import connect
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._stack = contextlib.ExitStack()
+                self.ws = self._stack.enter_context(connect(url, open_timeout=2, close_timeout=1))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.transcript: list[dict] = []
+
+    def send(self, message: dict | str) -> None:
+        self.ws.send(message if isinstance(message, str) else json.dumps(message))
+
+    def next(self, timeout: float = 5.0) -> dict:
+        message = json.loads(self.ws.recv(timeout=timeout))
+        self.transcript.append(message)
+        return message
+
+    def until(self, predicate, timeout: float = 20.0) -> dict:
+        """Read messages until one satisfies ``predicate``; fails with the transcript on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.next(timeout=max(0.1, deadline - time.monotonic()))
+            if predicate(message):
+                return message
+        raise AssertionError(f"timed out; last messages: {self.transcript[-10:]}")
+
+    def status(self, *names: str, timeout: float = 20.0) -> dict:
+        return self.until(lambda m: m["status"] in names, timeout)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+@dataclass
+class Deployment:
+    config: DetectorConfig
+    path: Path
+    session: Session
+    run_dir: Path
+    driver: object
+    writers: list
+    url: str
+
+
+@pytest.fixture
+def deployment(make_config, service, tmp_path):
+    """``deployment(n_writers, meta=False, suffix="image", writers=True, **config)`` -> Deployment.
+
+    Starts the writers (and the metadata writer) and the driver on a free port, and connects a Session.
+    """
+    sessions: list[Session] = []
+
+    def make(n_writers: int = 2, *, meta: bool = False, suffix: str = "image", writers: bool = True, **keys):
+        config, path = make_config(number_of_writers=n_writers, **keys)
+        port = free_port()
+        args = ["-s", suffix] + (["-m"] if meta else [])
+        procs = [service(WRITER, path, i, "-s", suffix) for i in range(n_writers)] if writers else []
+        if writers and meta:
+            procs.append(service(WRITER, path, "meta", "-s", suffix))
+        driver = service(DRIVER, path, "--host", "127.0.0.1", "-p", port, *args)
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(exist_ok=True)
+        url = f"ws://127.0.0.1:{port}"
+        session = Session(url)
+        sessions.append(session)
+        return Deployment(config, path, session, run_dir, driver, procs, url)
+
+    yield make
+    for session in sessions:
+        session.close()
+
+
+def start_when_writers_ready(session: Session, command: dict, timeout: float = 20.0) -> None:
+    """Writers connect to the driver asynchronously: retry while the driver says one is not there yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        session.send(command)
+        reply = session.status("creating_file", "error", "rejected")
+        if reply["status"] == "creating_file":
+            reply = session.status("waiting_for_first_image", "error")
+            if reply["status"] == "waiting_for_first_image":
+                return
+        if "is not running" not in reply.get("reason", "") or time.monotonic() > deadline:
+            raise AssertionError(f"start failed: {reply}; transcript {session.transcript[-10:]}")
+        session.status("idle")
+        time.sleep(0.2)
+
+
+def read_file(path: Path, det: str) -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(path, "r", swmr=True) as f:
+        return f[f"{det}/data"][:], f[f"{det}/metadata"][:]
+
+
+def check_ramp(data: np.ndarray, ids: np.ndarray, config) -> None:
+    for image, image_id in zip(data, ids, strict=True):
+        assert np.array_equal(image, ramp(int(image_id), config.shape, config.dtype)), f"image {image_id}"
+
+
+# ---------------------------------------------------------------------- the documented session
+def documented_session() -> tuple[list[dict], list[str]]:
+    """The commands and the statuses (repeats collapsed) of README's documented session."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"a documented session.*?```\n(.*?)```", readme, re.S).group(1)
+    commands = [json.loads(line[3:]) for line in block.splitlines() if line.startswith("-> ")]
+    statuses = [json.loads(line[3:])["status"] for line in block.splitlines() if line.startswith("<- ")]
+    return commands, [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]]
+
+
+def test_documented_session_then_the_files(deployment, service) -> None:
+    d = deployment(2, meta=True, ram_buffer_slots=500)
+    config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    det = config.detector_name
+    commands, expected = documented_session()
+    assert [c["command"] for c in commands] == ["start", "stop"]
+    start = dict(commands[0], path=str(run_dir))
+    service(SIM, path, "--rate", 200)
+    assert session.next()["status"] == "idle"
+    start_when_writers_ready(session, start)
+    counts = []
+    while not counts or counts[-1] < 40:
+        message = session.status("recording")
+        counts.append(message["count"])
+    assert counts == sorted(counts) and counts[-1] >= 40
+    session.send(commands[1])
+    session.status("stop")
+    saving = session.status("saving_file")
+    session.status("file_saved")
+    session.status("idle", timeout=5)
+    statuses = [m["status"] for m in session.transcript]
+    collapsed = [s for i, s in enumerate(statuses) if i == 0 or s != statuses[i - 1]]
+    assert collapsed[-len(expected):] == expected, collapsed
+    assert all(set(m) == {"status", "count"} for m in session.transcript if m["status"] in ("recording", "saving_file"))
+    n = saving["count"]
+    assert n >= 40
+
+    files = sorted(p.name for p in run_dir.iterdir())
+    assert files == ["scan_0.h5", "scan_1.h5", "scan_Meta.h5", "scan__master.h5"]
+    data0, meta0 = read_file(run_dir / "scan_0.h5", det)
+    data1, meta1 = read_file(run_dir / "scan_1.h5", det)
+    assert len(meta0) + len(meta1) == n and abs(len(meta0) - len(meta1)) <= 1
+    ids = np.sort(np.concatenate([meta0["image_id"], meta1["image_id"]]))
+    assert np.array_equal(ids, np.arange(ids[0], ids[0] + n)), "recorded ids are not contiguous"
+    assert np.array_equal(meta0["image_id"], ids[0::2]) and np.array_equal(meta1["image_id"], ids[1::2])
+    assert set(meta0["status"]) == {1} and set(meta1["status"]) == {1}
+    check_ramp(data0, meta0["image_id"], config)
+    check_ramp(data1, meta1["image_id"], config)
+    with h5py.File(run_dir / "scan__master.h5", "r") as f:
+        master = f[f"{det}/data"][:]
+        assert np.array_equal(f[f"{det}/metadata"]["image_id"], ids)
+        check_ramp(master, ids, config)
+        meta = f[f"{det}/meta"]  # the link to the metadata writer's file
+        assert len(next(iter(meta.values()))) == n
+
+
+def test_1000_images_over_3_writers_master_in_order(deployment, service) -> None:
+    d = deployment(3, ram_buffer_slots=3000)
+    config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    det = config.detector_name
+    service(SIM, path, "--rate", 1000)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 1000})
+    session.status("file_saved", timeout=60)
+    assert [m for m in session.transcript if m["status"] == "saving_file"][-1]["count"] == 1000
+    lengths = []
+    for i in range(3):
+        _, rows = read_file(run_dir / f"file{i}.h5", det)
+        lengths.append(len(rows))
+    assert sorted(lengths) == [333, 333, 334]
+    with h5py.File(run_dir / "file_master.h5", "r") as f:
+        ids = f[f"{det}/metadata"]["image_id"]
+        assert len(ids) == 1000 and np.array_equal(ids, np.arange(ids[0], ids[0] + 1000))
+        data = f[f"{det}/data"]
+        assert data.shape == (1000, *config.shape)
+        for k in (0, 1, 2, 500, 999):
+            assert np.array_equal(data[k], ramp(int(ids[k]), config.shape, config.dtype))
+
+
+def test_start_id_skips_older_images(deployment, service) -> None:
+    d = deployment(1, ram_buffer_slots=500)
+    config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    service(SIM, path, "--rate", 300)
+    time.sleep(0.5)
+    start_id = 10**9  # the simulator starts at 0: nothing may be recorded
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 5, "start_id": start_id})
+    time.sleep(1.0)
+    assert not [m for m in session.transcript if m["status"] == "recording"]
+    session.send({"command": "stop"})
+    session.status("file_saved")
+    _, rows = read_file(run_dir / "file0.h5", config.detector_name)
+    assert len(rows) == 0
+
+
+def test_compressed_source_decodes_with_hdf5plugin(deployment) -> None:
+    d = deployment(2, suffix="h5bitshuffle-lz4", ram_buffer_slots=200)
+    config, _path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    det = config.detector_name
+    n = 30
+    with ImagePublisher(config, "h5bitshuffle-lz4") as publisher:
+        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": n})
+        metadata = image_metadata(config)
+        metadata.compression = ImageMetadataCompression.h5bitshuffle_lz4
+        image_id = 0
+        done = False
+        while not done:
+            metadata.image_id = image_id
+            publisher.publish_image(metadata, bitshuffle_lz4_encode(ramp(image_id, config.shape, config.dtype)))
+            image_id += 1
+            try:
+                done = session.next(timeout=0.01)["status"] in ("file_saved", "error")
+            except TimeoutError:
+                pass
+            assert image_id < 5000, session.transcript[-5:]
+        assert session.transcript[-1]["status"] == "file_saved", session.transcript[-5:]
+    with h5py.File(run_dir / "file_master.h5", "r") as f:
+        ids = f[f"{det}/metadata"]["image_id"]
+        assert len(ids) == n and np.array_equal(ids, np.arange(ids[0], ids[0] + n))
+        check_ramp(f[f"{det}/data"][:], ids, config)
+
+
+# ---------------------------------------------------------------------- bad commands (no writer needed)
+def test_bad_commands_answer_error_and_the_connection_stays_usable(deployment, tmp_path) -> None:
+    d = deployment(2, writers=False)
+    _config, _path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        ("this is not json", "not valid JSON"),
+        ({"command": "dance"}, "unknown command 'dance'"),
+        ({"command": "start"}, 'needs "path"'),
+        ({"command": "start", "path": str(tmp_path / "missing")}, "does not exist"),
+        ({"command": "start", "path": str(a_file)}, "is not a directory"),
+        ({"command": "start", "path": str(run_dir), "n_image": 0}, "'n_image' is 0"),
+        ({"command": "start", "path": str(run_dir), "n_image": -3}, "'n_image' is -3"),
+        ({"command": "start", "path": str(run_dir), "n_image": "ten"}, "'n_image' must be an integer"),
+        ({"command": "start", "path": str(run_dir), "n_image": 2.5}, "'n_image' must be an integer"),
+        ({"command": "start", "path": str(run_dir), "n_image": 10**12}, "not enough space"),
+    ]
+    for command, words in cases:
+        session.send(command)
+        reply = session.status("error")
+        assert words in reply["reason"], (command, reply)
+    session.send({"command": "stop"})  # stop while idle: a no-op that says idle
+    assert session.next()["status"] == "idle"
+    assert not list(run_dir.iterdir()), "a refused start must not create files"
+    # a start with the writers missing fails at once, naming the writer
+    t0 = time.monotonic()
+    session.send({"command": "start", "path": str(run_dir), "n_image": 10})
+    reply = session.status("error")
+    assert "writer 0 is not running" in reply["reason"] and time.monotonic() - t0 < 5
+
+
+def test_not_writable_for_the_requested_user(deployment) -> None:
+    d = deployment(1, writers=False, switch_user_active=True)
+    _config, _path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    os.chmod(run_dir, 0o755)
+    session.send({"command": "start", "path": str(run_dir), "n_image": 10, "writer_id": 65534})
+    reply = session.status("error")
+    assert "not writable by user id 65534" in reply["reason"]
+
+
+def test_driver_bad_arguments_exit_2(make_config, service) -> None:
+    config, path = make_config(number_of_writers=0)
+    driver = service(DRIVER, path, "-p", free_port())
+    assert driver.wait(30) == 2
+    _, err = driver.output()
+    assert "number_of_writers is 0" in err and len(err.strip().splitlines()) == 1
+    config, path = make_config(number_of_writers=1)
+    driver = service(DRIVER, path, "-p", "x")
+    assert driver.wait(30) == 2
+
+
+# ---------------------------------------------------------------------- failures during a run
+def test_start_while_recording_is_rejected(deployment, service) -> None:
+    d = deployment(1, ram_buffer_slots=500)
+    _config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    service(SIM, path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
+    session.status("recording")
+    session.send({"command": "start", "path": str(run_dir), "file_prefix": "other"})
+    reply = session.until(lambda m: m["status"] == "rejected")
+    assert reply == {"status": "rejected", "reason": "driver is busy!"}
+    session.send({"command": "stop"})
+    session.status("file_saved")
+    assert not list(run_dir.glob("other*"))
+
+
+def test_writer_killed_mid_run_ends_in_error_within_5s(deployment, service) -> None:
+    d = deployment(2, ram_buffer_slots=500)
+    config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    det = config.detector_name
+    service(SIM, path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
+    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    writer1 = d.writers[1].proc
+    killed_at = time.monotonic()
+    writer1.send_signal(signal.SIGKILL)
+    reply = session.status("error", timeout=10)
+    assert time.monotonic() - killed_at < 5
+    assert "writer 1" in reply["reason"], reply
+    # a killed process cannot unlink the socket file it bound; a supervisor (or this test) does
+    wait_until(lambda: writer1.poll() is not None, 5)
+    Path(f"/tmp/{det}-writer-1").unlink(missing_ok=True)
+    data0, rows0 = read_file(run_dir / "file0.h5", det)  # the survivor closed its file
+    assert len(rows0) >= 25
+    check_ramp(data0, rows0["image_id"], config)
+    with h5py.File(run_dir / "file1.h5", "r", swmr=True) as f:  # the dead one's file opens
+        rows1 = f[f"{det}/metadata"][:]
+        check_ramp(f[f"{det}/data"][:len(rows1)], rows1["image_id"], config)
+    session.status("idle")
+    assert d.driver.proc.poll() is None, "the driver must survive a writer's death"
+
+
+def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        d = deployment(1, ram_buffer_slots=500, image_pixel_height=128, image_pixel_width=128,
+                       gpfs_block_size=65536)
+        config, path, session = d.config, d.path, d.session
+        det = config.detector_name
+        service(SIM, path, "--rate", 300)
+        start_when_writers_ready(session, {"command": "start", "path": str(mount)})  # until stop: room for ~90
+        reply = session.status("error", timeout=30)
+        reason = reply["reason"].lower()
+        assert reason.startswith("writer 0: ") and ("disk full" in reason or "no space" in reason), reply
+        with h5py.File(mount / "file0.h5", "r", swmr=True) as f:
+            rows = f[f"{det}/metadata"][:]
+            assert len(rows) > 0
+            check_ramp(f[f"{det}/data"][:len(rows)], rows["image_id"], config)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+# ---------------------------------------------------------------------- stddaq record
+def _record(url: str, run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stddaq.cli", "record", "--driver", url, "--path", str(run_dir),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_stddaq_record_end_to_end(deployment, service) -> None:
+    d = deployment(2, ram_buffer_slots=1000)
+    config, path, _session, run_dir = d.config, d.path, d.session, d.run_dir
+    service(SIM, path, "--rate", 500)
+    url = d.url
+    deadline = time.monotonic() + 20
+    while True:  # until the writers are connected
+        proc = _record(url, run_dir, "--n-images", "200", "--prefix", "rec")
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0 or "is not running" not in err or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert proc.returncode == 0, err
+    assert "recorded 200 images" in out
+    listed = sorted(line.strip() for line in out.splitlines() if line.startswith("  "))
+    assert listed == sorted(str(run_dir / n) for n in ("rec0.h5", "rec1.h5", "rec_master.h5"))
+    assert "img/s" in err and "200/200" in err
+    with h5py.File(run_dir / "rec_master.h5", "r") as f:
+        assert len(f[f"{config.detector_name}/metadata"]) == 200
+
+    # Ctrl-C: stop is sent, the files are closed, exit 0 because they were saved
+    proc = _record(url, run_dir, "--n-images", "100000", "--prefix", "ctrlc")
+    assert wait_until(lambda: (run_dir / "ctrlc0.h5").exists(), 20)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "stopping" in err and "ctrlc_master.h5" in out
+
+
+def test_stddaq_record_without_driver_fails_in_one_line(tmp_path) -> None:
+    proc = _record(f"ws://127.0.0.1:{free_port()}", tmp_path, "--n-images", "10")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "cannot connect to the driver" in err and len(err.strip().splitlines()) == 1

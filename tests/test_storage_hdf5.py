@@ -1,0 +1,283 @@
+"""The HDF5 layout without sockets: chunks, filters, file size, SWMR, failure, master and Meta files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 - registers the filters for reading
+import numpy as np
+import pytest
+
+from stddaq.errors import StorageError, WriteFailed
+from stddaq.formats.compression import bitshuffle_lz4_encode, blosc2_encode
+from stddaq.patterns import Noise, ramp
+from stddaq.protocol import GFImageMetadata, ImageMetadata
+from stddaq.storage import ImageFile, MetadataFile, write_master
+from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, _strided_runs, chunk_alignment, chunk_images
+
+SHAPE = (48, 32)
+DT = np.dtype("<u2")
+IMAGE_BYTES = SHAPE[0] * SHAPE[1] * 2
+
+
+def _read(path: Path, det: str = "det") -> tuple[np.ndarray, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return f[f"{det}/data"][:], f[f"{det}/metadata"][:]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_raw_images_in_whole_chunks_of_several_images(tmp_path, direct) -> None:
+    path = tmp_path / "f.h5"
+    with ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES + 100, direct=direct) as f:
+        assert f.images_per_chunk == 4
+        for image_id in range(10):
+            assert f.append(image_id + 50, 1, ramp(image_id + 50, SHAPE, DT))
+        assert f.count == 10 and f.written == 8  # two chunks on disk, two images in the third
+    data, meta = _read(path)
+    assert data.shape == (10, *SHAPE)
+    assert all(np.array_equal(data[k], ramp(k + 50, SHAPE, DT)) for k in range(10))
+    assert list(meta["image_id"]) == list(range(50, 60)) and set(meta["status"]) == {1}
+    with h5py.File(path, "r") as h:
+        assert h["det/data"].chunks == (4, *SHAPE)
+        assert h["det/metadata"].dtype.names == ("image_id", "status")
+
+
+def test_flush_shows_a_partly_filled_chunk_that_is_rewritten_when_full(tmp_path) -> None:
+    path = tmp_path / "f.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
+    for image_id in range(2):
+        f.append(image_id, 1, ramp(image_id, SHAPE, DT))
+    f.flush()
+    with h5py.File(path, "r", swmr=True) as h:
+        assert h["det/data"].shape[0] == 2 and np.array_equal(h["det/data"][1], ramp(1, SHAPE, DT))
+    for image_id in range(2, 6):
+        f.append(image_id, 1, ramp(image_id, SHAPE, DT))
+    f.close()
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == list(range(6))
+    assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(6))
+
+
+def test_raw_bytes_and_intact_guard(tmp_path) -> None:
+    path = tmp_path / "f.h5"
+    with ImageFile.create(path, "det", SHAPE, DT) as f:
+        assert f.append(1, 1, ramp(1, SHAPE, DT).tobytes())
+        assert not f.append(2, 1, ramp(2, SHAPE, DT), intact=lambda: False)  # overwritten while copied
+        assert f.append(3, 1, ramp(3, SHAPE, DT), intact=lambda: True)
+        with pytest.raises(StorageError, match="7 bytes"):
+            f.append(4, 1, b"1234567")
+        assert f.count == 2
+    data, meta = _read(path)
+    assert list(meta["image_id"]) == [1, 3] and np.array_equal(data[1], ramp(3, SHAPE, DT))
+
+
+@pytest.mark.parametrize("compression,encode", [(BITSHUFFLE_LZ4, bitshuffle_lz4_encode), (BLOSC2, blosc2_encode)])
+def test_compressed_blobs_decode_with_plain_h5py_and_hdf5plugin(tmp_path, compression, encode) -> None:
+    path = tmp_path / "c.h5"
+    noise = Noise(SHAPE, DT)
+    images = [noise.fill(k, np.empty(SHAPE, DT)) + np.uint16(k) for k in range(9)]
+    blobs = [encode(image) for image in images]
+    with ImageFile.create(path, "det", SHAPE, DT, compression=compression) as f:
+        for k, blob in enumerate(blobs):
+            assert f.append(k, 1, blob)
+    code = textwrap.dedent(f"""
+        import h5py, hdf5plugin, numpy, sys
+        with h5py.File({str(path)!r}, "r") as f:
+            sys.stdout.buffer.write(f["det/data"][:].tobytes())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=True).stdout
+    assert np.array_equal(np.frombuffer(out, DT).reshape(9, *SHAPE), np.stack(images))
+    size = os.path.getsize(path)
+    assert size <= sum(len(b) for b in blobs) * 1.01 + 64 * 1024  # not padded to any alignment
+
+
+@pytest.mark.parametrize("shape,n_images", [((128, 480), 300), ((1000, 1000), 20)])
+def test_file_size_is_image_bytes_plus_one_percent_plus_one_chunk(tmp_path, shape, n_images) -> None:
+    """gpfs_block_size 16 MiB: 123 KB images (136 per chunk) and 2 MB images (8 per chunk,
+    16,000,000 bytes, which aligning to 16 MiB would pad by 5%)."""
+    path = tmp_path / "big.h5"
+    image = np.zeros(shape, DT)
+    with ImageFile.create(path, "det", shape, DT, gpfs_block_size=16 * 1024 * 1024) as f:
+        chunk_bytes = f.images_per_chunk * image.nbytes
+        for image_id in range(n_images):
+            image[0, 0] = image_id
+            f.append(image_id, 1, image)
+    size = os.path.getsize(path)
+    assert size <= n_images * image.nbytes * 1.01 + chunk_bytes, (size, n_images * image.nbytes, chunk_bytes)
+    with h5py.File(path, "r") as h:
+        assert h["det/data"].shape[0] == n_images and int(h["det/data"][n_images - 1, 0, 0]) == n_images - 1
+
+
+def test_chunk_sizing_and_alignment_rules() -> None:
+    assert chunk_images(2016 * 2016 * 2, 16 << 20) == 2
+    assert chunk_images(480 * 128 * 2, 16 << 20) == 136
+    assert chunk_images(32 << 20, 16 << 20) == 1
+    assert chunk_alignment(16 << 20, 16 << 20) == 1 << 20
+    assert chunk_alignment(16 << 20, 64 << 10) == 64 << 10
+    two_big = 2 * 2016 * 2016 * 2
+    alignment = chunk_alignment(two_big, 16 << 20)
+    assert -two_big % alignment <= 0.005 * two_big and alignment >= 4096
+
+
+def test_swmr_reader_in_another_process_sees_the_count_grow(tmp_path) -> None:
+    path = tmp_path / "live.h5"
+    reader_code = textwrap.dedent(f"""
+        import h5py, sys, time
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                f = h5py.File({str(path)!r}, "r", swmr=True)
+                break
+            except OSError:
+                time.sleep(0.02)
+        data = f["det/data"]
+        while time.monotonic() < deadline:
+            data.refresh()
+            n = data.shape[0]
+            if not seen or n != seen[-1]:
+                seen.append(n)
+                print(n, int(data[n - 1, 0, 0]) if n else -1, flush=True)
+            if n >= 40:
+                break
+            time.sleep(0.01)
+    """)
+    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
+    reader = subprocess.Popen([sys.executable, "-c", reader_code], stdout=subprocess.PIPE, text=True)
+    try:
+        for image_id in range(40):
+            f.append(image_id, 1, ramp(image_id, SHAPE, DT))
+            if image_id % 10 == 9:
+                f.flush()
+                line = reader.stdout.readline()  # the reader saw this batch before the next is written
+                n, first_pixel = map(int, line.split())
+                assert n == image_id + 1 and first_pixel == int(ramp(image_id, SHAPE, DT)[0, 0]), line
+        assert reader.wait(60) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.communicate()
+        f.close()
+
+
+def test_create_errors_name_the_problem(tmp_path) -> None:
+    with pytest.raises(StorageError, match="does not exist"):
+        ImageFile.create(tmp_path / "nope" / "f.h5", "det", SHAPE, DT)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="is not a directory"):
+        ImageFile.create(tmp_path / "file" / "f.h5", "det", SHAPE, DT)
+    with pytest.raises(StorageError, match="compression 7 is not allowed"):
+        ImageFile.create(tmp_path / "f.h5", "det", SHAPE, DT, compression=7)
+    with pytest.raises(StorageError, match="detector type 'x' is not allowed"):
+        MetadataFile.create(tmp_path / "m.h5", "det", "x")
+
+
+def test_disk_full_fails_before_writing_and_the_file_stays_readable(tmp_path) -> None:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs (test_writer covers RLIMIT_FSIZE)")
+    target = tmp_path / "small"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(target)], capture_output=True).returncode:
+        pytest.skip("mount not allowed here")
+    try:
+        f = ImageFile.create(target / "f.h5", "det", (64, 128), DT, gpfs_block_size=2 * 64 * 128 * 2)
+        with pytest.raises(WriteFailed, match="disk full") as failure:
+            for image_id in range(200):
+                f.append(image_id, 1, ramp(image_id, (64, 128), DT))
+        lost = failure.value.image_ids
+        assert len(lost) == 2 and lost[1] == lost[0] + 1  # the chunk that did not fit
+        with pytest.raises(StorageError, match="failed earlier"):
+            f.append(999, 1, ramp(999, (64, 128), DT))
+        f.close()
+        data, meta = _read(target / "f.h5")
+        assert len(data) == len(meta) == lost[0] and len(data) > 20
+        assert all(np.array_equal(data[k], ramp(k, (64, 128), DT)) for k in range(len(data)))
+    finally:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def _writer_files(directory: Path, ids_per_writer: list[list[int]]) -> None:
+    for index, ids in enumerate(ids_per_writer):
+        with ImageFile.create(directory / f"run_{index}.h5", "det", SHAPE, DT, gpfs_block_size=3 * IMAGE_BYTES) as f:
+            for image_id in ids:
+                f.append(image_id, 1 if image_id % 5 else 2, ramp(image_id, SHAPE, DT))
+
+
+def test_master_orders_all_writers_by_image_id_and_survives_a_move(tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    ids = list(range(100, 131))  # 31 images over 3 writers, k-th recorded to writer k % 3; a 4th is empty
+    _writer_files(run, [ids[0::3], ids[1::3], ids[2::3], []])
+    with MetadataFile.create(run / "run_Meta.h5", "det", "gigafrost") as meta:
+        for image_id in ids:
+            meta.append(ImageMetadata(image_id=image_id, status=1, height=48, width=32, size=IMAGE_BYTES, dtype=2,
+                                      gf=GFImageMetadata(scan_id=3, frame_timestamp=image_id * 10, store_image=True)))
+    master = write_master(run, "run_", "det", 4, meta_file="run_Meta.h5")
+    assert master == run / "run__master.h5"
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    cwd = os.getcwd()
+    os.chdir("/")
+    try:
+        with h5py.File(moved / "run__master.h5", "r") as f:
+            data = f["det/data"]
+            assert data.shape == (31, *SHAPE) and data.is_virtual
+            assert all(np.array_equal(data[k], ramp(image_id, SHAPE, DT)) for k, image_id in enumerate(ids))
+            meta = f["det/metadata"][:]
+            assert list(meta["image_id"]) == ids and list(meta["status"]) == [1 if i % 5 else 2 for i in ids]
+            assert len(data.virtual_sources()) == 3  # one strided mapping per non-empty writer file
+            linked = f["det/meta/metadata"][:]
+            assert list(linked["image_id"]) == ids and list(linked["gf_frame_timestamp"]) == [i * 10 for i in ids]
+            assert set(linked["gf_scan_id"]) == {3} and set(linked["gf_store_image"]) == {1}
+    finally:
+        os.chdir(cwd)
+
+
+def test_master_of_irregular_and_empty_files(tmp_path) -> None:
+    _writer_files(tmp_path, [[5, 1, 9], [2, 3], []])  # recording order need not be id order
+    write_master(tmp_path, "run_", "det", 3)
+    with h5py.File(tmp_path / "run__master.h5", "r") as f:
+        assert list(f["det/metadata"]["image_id"]) == [1, 2, 3, 5, 9]
+        assert all(np.array_equal(f["det/data"][k], ramp(i, SHAPE, DT)) for k, i in enumerate([1, 2, 3, 5, 9]))
+    _writer_files(tmp_path, [[], []])
+    write_master(tmp_path, "run_", "det", 2)
+    with h5py.File(tmp_path / "run__master.h5", "r") as f:
+        assert f["det/data"].shape == (0, *SHAPE) and len(f["det/metadata"]) == 0
+
+
+def test_master_errors(tmp_path) -> None:
+    with pytest.raises(StorageError, match="run_0.h5 does not exist"):
+        write_master(tmp_path, "run_", "det", 1)
+    with pytest.raises(StorageError, match="at least one writer"):
+        write_master(tmp_path, "run_", "det", 0)
+    (tmp_path / "run_0.h5").write_text("not hdf5")
+    with pytest.raises(StorageError, match="not a readable writer file"):
+        write_master(tmp_path, "run_", "det", 1)
+
+
+def test_strided_runs() -> None:
+    assert _strided_runs(np.array([0, 3, 6, 9])) == [(0, 4, 0, 3)]
+    assert _strided_runs(np.array([4])) == [(0, 1, 4, 1)]
+    assert _strided_runs(np.array([3, 0, 4])) == [(0, 1, 3, 1), (1, 2, 0, 4)]
+
+
+def test_create_on_a_full_disk_is_refused(tmp_path) -> None:
+    """Under RLIMIT_FSIZE smaller than the reserve, in a subprocess (the limit is per process)."""
+    code = textwrap.dedent(f"""
+        import resource
+        from stddaq.errors import StorageError
+        from stddaq.storage import ImageFile
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        try:
+            ImageFile.create({str(tmp_path / "f.h5")!r}, "det", (4, 4), "<u2")
+        except StorageError as exc:
+            print(exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "disk full" in out and "f.h5" in out, out

@@ -1,0 +1,323 @@
+"""std_det_writer as a real subprocess, driven through its real ipc sockets by a test driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401 - registers filters 32008/32026 for reading
+import numpy as np
+import pytest
+import zmq
+
+from stddaq.bus import ImagePublisher, image_metadata
+from stddaq.bus.sockets import unlink_ipc
+from stddaq.formats.compression import bitshuffle_lz4_encode, blosc2_encode
+from stddaq.patterns import Noise, ramp
+from stddaq.protocol import (
+    CloseFile,
+    ConfirmLastImageWritten,
+    CreateFileCommand,
+    ImageMetadataCompression,
+    ImageMetadataStatus,
+    RecordImage,
+    ResponseCode,
+    WriterAction,
+    WriterResponse,
+)
+
+WRITER = "stddaq.services.writer"
+
+
+class FakeDriver:
+    """The driver's side of one writer: PUSH bound on driver-<i>, PULL connected to writer-<i>."""
+
+    def __init__(self, config, index: int | str = 0) -> None:
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.address = config.ipc_address(f"driver-{index}")
+        self.push.bind(self.address)
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.connect(config.ipc_address(f"writer-{index}"))
+
+    def send(self, action: WriterAction) -> None:
+        assert self.push.poll(10_000, zmq.POLLOUT), "the writer does not take commands"
+        self.push.send(action.SerializeToString())
+
+    def answer(self, timeout: float = 15) -> WriterResponse:
+        assert self.pull.poll(timeout * 1000), "no answer from the writer"
+        return WriterResponse.FromString(self.pull.recv())
+
+    def create(self, path: Path | str, user_id: int = 0) -> WriterResponse:
+        self.send(WriterAction(create_file=CreateFileCommand(path=str(path), writer_id=user_id)))
+        return self.answer()
+
+    def record(self, metadata) -> None:
+        self.send(WriterAction(record_image=RecordImage(image_metadata=metadata)))
+
+    def confirm(self) -> WriterResponse:
+        self.send(WriterAction(confirm_last_image=ConfirmLastImageWritten()))
+        return self.answer()
+
+    def close_file(self) -> WriterResponse:
+        self.send(WriterAction(close_file=CloseFile()))
+        return self.answer()
+
+    def close(self) -> None:
+        self.push.close(0)
+        self.pull.close(0)
+        self.ctx.term()
+        unlink_ipc(self.address)
+
+
+@pytest.fixture
+def driver():
+    made: list[FakeDriver] = []
+
+    def make(config, index: int | str = 0) -> FakeDriver:
+        made.append(FakeDriver(config, index))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def _publish(publisher: ImagePublisher, config, image_id: int, pixels=None, status=ImageMetadataStatus.good_image):
+    metadata = image_metadata(config, image_id)
+    metadata.status = status
+    publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype) if pixels is None else pixels)
+    return metadata
+
+
+def test_records_images_from_the_ram_buffer_exactly(make_config, service, driver, tmp_path) -> None:
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=64, gpfs_block_size=48 * 32 * 2 * 5)
+    with ImagePublisher(config) as publisher:
+        proc = service(WRITER, path, 0)
+        d = driver(config)
+        answer = d.create(tmp_path / "file0.h5")
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+        ids = list(range(1000, 1023))
+        for image_id in ids:
+            d.record(_publish(publisher, config, image_id,
+                              status=ImageMetadataStatus.missing_packets if image_id == 1005 else ImageMetadataStatus.good_image))
+        answer = d.confirm()
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+        with h5py.File(tmp_path / "file0.h5", "r", swmr=True) as f:  # readable while open: all 23 there
+            assert f[f"{config.detector_name}/data"].shape == (23, *config.shape)
+        answer = d.close_file()
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+    with h5py.File(tmp_path / "file0.h5", "r") as f:
+        data = f[f"{config.detector_name}/data"]
+        meta = f[f"{config.detector_name}/metadata"][:]
+        assert data.shape == (23, *config.shape) and data.dtype == config.dtype and data.chunks == (5, *config.shape)
+        for k, image_id in enumerate(ids):
+            assert np.array_equal(data[k], ramp(image_id, config.shape, config.dtype))
+    assert list(meta["image_id"]) == ids
+    assert list(meta["status"]) == [2 if i == 1005 else 1 for i in ids]
+    proc.stop()
+    assert not os.path.exists(config.ipc_address("writer-0")[len("ipc://"):])
+
+
+@pytest.mark.parametrize("suffix,compression", [("h5bitshuffle-lz4", ImageMetadataCompression.h5bitshuffle_lz4),
+                                                ("blosc2", ImageMetadataCompression.blosc2)])
+def test_compressed_source_is_stored_as_is_and_decodes_with_hdf5plugin(make_config, service, driver, tmp_path,
+                                                                       suffix, compression) -> None:
+    config, path = make_config(number_of_writers=1, image_pixel_height=64, image_pixel_width=96)
+    noise = Noise(config.shape, config.dtype)
+
+    def image(image_id: int) -> np.ndarray:
+        return noise.fill(image_id, np.empty(config.shape, config.dtype)) + np.uint16(image_id)
+
+    encode = bitshuffle_lz4_encode if suffix == "h5bitshuffle-lz4" else blosc2_encode
+    blobs = {}
+    with ImagePublisher(config, suffix) as publisher:
+        service(WRITER, path, 0, "-s", suffix)
+        d = driver(config)
+        assert d.create(tmp_path / "c0.h5").code == ResponseCode.SUCCESS
+        for image_id in range(12):
+            metadata = image_metadata(config, image_id)
+            if image_id == 7:  # a bad image the compressor forwarded raw: the writer compresses it
+                metadata.status = ImageMetadataStatus.missing_packets
+                publisher.publish_image(metadata, image(image_id))
+            else:
+                metadata.compression = compression
+                blob = encode(image(image_id))
+                blobs[image_id] = bytes(blob)
+                publisher.publish_image(metadata, blob)
+            d.record(metadata)
+        answer = d.close_file()
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+    with h5py.File(tmp_path / "c0.h5", "r") as f:
+        data = f[f"{config.detector_name}/data"]
+        assert data.chunks == (1, *config.shape)
+        assert str(data._filters and list(data._filters)[0]) == ("32008" if suffix == "h5bitshuffle-lz4" else "32026")
+        for image_id in range(12):
+            assert np.array_equal(data[image_id], image(image_id)), image_id
+        if suffix == "h5bitshuffle-lz4":
+            _, stored = data.id.read_direct_chunk((0, 0, 0))
+            assert stored == blobs[0]  # written as it came, not recompressed
+
+
+def test_overwritten_image_is_reported_never_written(make_config, service, driver, tmp_path) -> None:
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=8)
+    with ImagePublisher(config) as publisher:
+        service(WRITER, path, 0)
+        d = driver(config)
+        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+        stale = _publish(publisher, config, 0)
+        for image_id in range(1, 9):  # slot 0 now holds image 8
+            _publish(publisher, config, image_id)
+        d.record(stale)
+        d.record(image_metadata(config, 8))
+        answer = d.confirm()
+        assert answer.code == ResponseCode.FAILURE
+        assert "1 image(s) not written" in answer.reason and "image 0: not in the RAM buffer: overwritten" in answer.reason
+        assert d.confirm().code == ResponseCode.SUCCESS  # reported once
+        assert d.close_file().code == ResponseCode.SUCCESS
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert list(f[f"{config.detector_name}/metadata"]["image_id"]) == [8]
+        assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(8, config.shape, config.dtype))
+
+
+def test_bad_commands_get_failure_and_the_writer_goes_on(make_config, service, driver, tmp_path) -> None:
+    config, path = make_config(number_of_writers=2)
+    with ImagePublisher(config) as publisher:
+        proc = service(WRITER, path, 1)
+        d = driver(config, 1)
+        d.push.send(b"\xff\xff garbage")
+        answer = d.answer()
+        assert answer.code == ResponseCode.FAILURE and "not a WriterAction" in answer.reason
+        d.push.send(b"")
+        assert "no action set" in d.answer().reason
+        answer = d.create(tmp_path / "missing" / "f.h5")
+        assert answer.code == ResponseCode.FAILURE and "does not exist" in answer.reason
+        (tmp_path / "afile").write_text("x")
+        answer = d.create(tmp_path / "afile" / "f.h5")
+        assert answer.code == ResponseCode.FAILURE and "not a directory" in answer.reason
+        answer = d.create("relative.h5")
+        assert answer.code == ResponseCode.FAILURE and "not absolute" in answer.reason
+        d.record(_publish(publisher, config, 3))  # no file open
+        answer = d.confirm()
+        assert answer.code == ResponseCode.FAILURE and "image 3: no file open" in answer.reason
+        wrong = _publish(publisher, config, 4)
+        wrong.width = 7
+        assert d.create(tmp_path / "ok.h5").code == ResponseCode.SUCCESS
+        d.record(wrong)
+        answer = d.close_file()
+        assert answer.code == ResponseCode.FAILURE and "image 4" in answer.reason and "48x7" in answer.reason
+        assert d.close_file().code == ResponseCode.SUCCESS  # no file open: nothing to do
+        assert proc.proc.poll() is None
+
+
+def test_writer_id_not_needed_exits_0_and_bad_ids_exit_2(make_config, service) -> None:
+    config, path = make_config(number_of_writers=2)
+    assert service(WRITER, path, 2).wait(30) == 0
+    for bad in ("-1", "x"):
+        proc = service(WRITER, path, bad)
+        assert proc.wait(30) == 2
+        err = proc.output()[1]
+        assert len(err.strip().splitlines()) == 1 and "writer_id" in err, err
+
+
+def test_metadata_writer_keeps_every_field(make_config, service, driver, tmp_path) -> None:
+    config, path = make_config(detector_type="pco", number_of_writers=0)
+    service(WRITER, path, "meta")
+    d = driver(config, "meta")
+    assert d.create(tmp_path / "fileMeta.h5").code == ResponseCode.SUCCESS
+    for image_id in range(5):
+        metadata = image_metadata(config, image_id)
+        metadata.pco.global_timestamp_sec = 1_700_000_000 + image_id
+        metadata.pco.global_timestamp_ns = 17
+        metadata.pco.bsread_name = f"{config.detector_name}:FPICTURE"
+        d.record(metadata)
+    answer = d.close_file()
+    assert answer.code == ResponseCode.SUCCESS, answer.reason
+    with h5py.File(tmp_path / "fileMeta.h5", "r") as f:
+        rows = f[f"{config.detector_name}/metadata"][:]
+    assert list(rows["image_id"]) == list(range(5))
+    assert list(rows["pco_global_timestamp_sec"]) == [1_700_000_000 + i for i in range(5)]
+    assert set(rows["pco_bsread_name"]) == {f"{config.detector_name}:FPICTURE".encode()}
+    assert set(rows["height"]) == {48} and set(rows["status"]) == {1}
+
+
+# ---------------------------------------------------------------------- disk full
+def _mount_tmpfs(size: str) -> Path | None:
+    """A small tmpfs of our own (root only); None where mounting is not allowed."""
+    if os.geteuid() != 0 or shutil.which("mount") is None or os.environ.get("STDDAQ_TEST_NO_MOUNT"):
+        return None
+    target = Path(tempfile.mkdtemp(prefix="stddaq-full-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                          capture_output=True, timeout=30)
+    if done.returncode != 0:
+        target.rmdir()
+        return None
+    return target
+
+
+def _umount(target: Path) -> None:
+    subprocess.run(["umount", str(target)], capture_output=True, timeout=30)
+    target.rmdir()
+
+
+def test_disk_full_answers_failure_and_the_file_stays_readable(make_config, service, driver, tmp_path) -> None:
+    """On a 3 MiB tmpfs where root can mount one; elsewhere under RLIMIT_FSIZE of 3 MiB."""
+    config, path = make_config(number_of_writers=1, image_pixel_height=128, image_pixel_width=256,
+                               gpfs_block_size=128 * 256 * 2 * 2, ram_buffer_slots=32)
+    mount = _mount_tmpfs("3m")
+    directory = mount if mount is not None else tmp_path
+    limited = None
+    try:
+        with ImagePublisher(config) as publisher:
+            if mount is not None:
+                service(WRITER, path, 0)
+            else:
+                code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20)); "
+                        "from stddaq.services.writer import main; sys.exit(main(sys.argv[1:]))")
+                limited = subprocess.Popen([sys.executable, "-c", code, str(path), "0"],
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            d = driver(config)
+            assert d.create(directory / "full.h5").code == ResponseCode.SUCCESS
+            answers = []
+            for image_id in range(60):  # 60 x 64 KiB = 3.75 MiB > 3 MiB
+                d.record(_publish(publisher, config, image_id))
+                if image_id % 10 == 9:
+                    answers.append(d.confirm())
+            failed = [a for a in answers if a.code == ResponseCode.FAILURE]
+            assert failed, "the disk never got full"
+            assert "disk full" in failed[0].reason or "file size limit" in failed[0].reason, failed[0].reason
+            close = d.close_file()
+            assert close.code in (ResponseCode.SUCCESS, ResponseCode.FAILURE)
+        with h5py.File(directory / "full.h5", "r") as f:
+            data = f[f"{config.detector_name}/data"]
+            ids = list(f[f"{config.detector_name}/metadata"]["image_id"])
+            assert 10 <= len(ids) < 60 and ids == list(range(len(ids))) and data.shape[0] == len(ids)
+            for k in ids:
+                assert np.array_equal(data[k], ramp(k, config.shape, config.dtype))
+    finally:
+        if limited is not None:
+            limited.terminate()
+            limited.communicate(timeout=30)
+        if mount is not None:
+            _umount(mount)
+
+
+def test_sigterm_closes_the_open_file(make_config, service, driver, tmp_path) -> None:
+    config, path = make_config(number_of_writers=1)
+    with ImagePublisher(config) as publisher:
+        proc = service(WRITER, path, 0)
+        d = driver(config)
+        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+        for image_id in range(3):
+            d.record(_publish(publisher, config, image_id))
+        assert d.confirm().code == ResponseCode.SUCCESS
+        assert proc.stop() == 0
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert f[f"{config.detector_name}/data"].shape[0] == 3
