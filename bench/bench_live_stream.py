@@ -17,7 +17,6 @@ import mmap
 import os
 import struct
 import sys
-import threading
 import time
 
 import numpy as np
@@ -67,7 +66,7 @@ def raw_forwarder(name: str, height: int, width: int, n_slots: int, address: str
                 ring = np.frombuffer(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ), np.uint8)
         offset = (image_id % n_slots) * slot
         pub.send(HEADER.format(h=height, w=width, i=image_id).encode(), zmq.SNDMORE)
-        pub.send(ring[offset:offset + size].copy(), copy=size < 65536)
+        pub.send(ring[offset:offset + size], copy=True)  # the cheapest way through pyzmq: one memcpy
     pub.close(1000)
     sub.close(0)
     ctx.term()
@@ -169,7 +168,30 @@ def bsread_compression() -> None:
            "upstream's rule: 1 core per 300 MB/s")
 
 
+def latency_producer(config_path: str, n_images: int, rate: float) -> None:
+    """Publishes images at ``rate`` whose first 8 bytes are the CLOCK_MONOTONIC send time (ns)."""
+    from stddaq.config import DetectorConfig
+    config = DetectorConfig.load(config_path)
+    with ImagePublisher(config) as publisher:
+        publisher.wait_for_subscribers(1, 30)
+        time.sleep(0.5)
+        metadata = image_metadata(config)
+        frame = np.zeros(config.shape, config.dtype)
+        stamp = frame.reshape(-1).view(np.uint8)[:8].view(np.int64)
+        t0 = time.perf_counter()
+        for image_id in range(n_images):
+            wait = t0 + image_id / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            metadata.image_id = image_id
+            stamp[0] = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            publisher.publish_image(metadata, frame)
+        time.sleep(1.0)
+
+
 def latency(height: int = 480, width: int = 128, n_images: int = 3000, rate: float = 1000.0) -> None:
+    """Source -> subscriber delay; the producer is its own process (a thread here would share the
+    sink's GIL) and stamps the send time into the pixels, read back with the same system clock."""
     config, path = make_config(height, width, n_slots=1000)
     address = f"tcp://127.0.0.1:{free_port()}"
     live = spawn("-m", "stddaq.services.live_stream", path, address, "-f")
@@ -177,35 +199,17 @@ def latency(height: int = 480, width: int = 128, n_images: int = 3000, rate: flo
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(address)
-    sent: dict[int, float] = {}
+    time.sleep(0.5)
+    producer = spawn(__file__, "latency-producer", path, n_images, rate)
     delays: list[float] = []
-
-    def produce() -> None:
-        with ImagePublisher(config, ctx=ctx) as publisher:
-            publisher.wait_for_subscribers(1, 30)
-            time.sleep(0.5)
-            metadata = image_metadata(config)
-            frame = np.zeros(config.shape, config.dtype)
-            t0 = time.perf_counter()
-            for image_id in range(n_images):
-                wait = t0 + image_id / rate - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)  # not a spin: the sink thread of this process needs the GIL
-                metadata.image_id = image_id
-                sent[image_id] = time.perf_counter()
-                publisher.publish_image(metadata, frame)
-            time.sleep(1.0)
-
-    thread = threading.Thread(target=produce)
-    thread.start()
     while sub.poll(15_000):
         parts = sub.recv_multipart(copy=False)
-        now = time.perf_counter()
-        frame_id = json.loads(parts[0].bytes)["frame"]
-        delays.append(now - sent[frame_id])
-        if frame_id == n_images - 1:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        sent = int(np.frombuffer(parts[1].buffer, np.int64, count=1)[0])
+        delays.append((now - sent) / 1e9)
+        if json.loads(parts[0].bytes)["frame"] == n_images - 1:
             break
-    thread.join()
+    producer.wait(60)
     sub.close(0)
     live.terminate()
     live.wait(30)
@@ -217,8 +221,10 @@ def latency(height: int = 480, width: int = 128, n_images: int = 3000, rate: flo
 
 
 def main() -> None:
-    forward(480, 128, 20_000, 1000)
-    forward(2016, 2016, 600, 64)
+    # a ring as long as the run: the service and the baseline forward every image (a short ring
+    # would measure how many images the simulator overwrites, not how fast the stream forwards)
+    forward(480, 128, 10_000, 10_000)
+    forward(2016, 2016, 300, 300)
     batch_metadata(100_000)
     bsread_compression()
     latency()
@@ -228,5 +234,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "forwarder":
         name, h, w, slots, address = sys.argv[2:]
         raw_forwarder(name, int(h), int(w), int(slots), address)
+    elif len(sys.argv) > 1 and sys.argv[1] == "latency-producer":
+        latency_producer(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     else:
         main()
