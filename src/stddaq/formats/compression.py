@@ -7,17 +7,31 @@
 - ``blosc2``: one Blosc2 chunk, LZ4 codec, bitshuffle filter, typesize = bytes per pixel.
 
 ``decode(metadata, blob)`` gives back the pixels of any bus image, whatever its compression.
+
+The compression stages run these encoders in several threads at once (SPEC 7, ``-t THREADS``),
+so this module makes both libraries fit for that: blosc2 is told to release the GIL while it
+compresses (it holds it by default), and ``single_threaded_openmp()`` stops bitshuffle's
+OpenMP build from spreading every call over all cores (its idle OpenMP threads also spin and
+steal the CPU the stage's own threads need). Both release the GIL in their C part, so N
+threads compress N images in parallel; ``*_encode_into`` write straight into a ring slot.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import logging
+import os
 import struct
+import threading
 
 import bitshuffle
 import blosc2
 import numpy as np
 
 from stddaq.protocol import ImageMetadataCompression, numpy_dtype
+
+log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">QI")
 DEFAULT_BLOCK_BYTES = 8192
@@ -50,13 +64,34 @@ def check_block_bytes(block_bytes: int, itemsize: int) -> int:
 def bitshuffle_lz4_encode(pixels: np.ndarray, block_bytes: int = 0) -> np.ndarray:
     """The filter-32008 chunk of ``pixels`` (header included) as a uint8 array."""
     pixels = np.ascontiguousarray(pixels)
-    itemsize = pixels.dtype.itemsize
-    block = check_block_bytes(block_bytes, itemsize)
+    block = check_block_bytes(block_bytes, pixels.dtype.itemsize)
     body = bitshuffle.compress_lz4(pixels.reshape(-1), block)
     out = np.empty(HEADER.size + body.nbytes, np.uint8)
-    HEADER.pack_into(out, 0, pixels.nbytes, block * itemsize)
-    out[HEADER.size:] = body
+    _store_bitshuffle_chunk(out, pixels, block, body)
     return out
+
+
+def bitshuffle_lz4_encode_into(pixels: np.ndarray, out: np.ndarray, block_bytes: int = 0) -> int:
+    """Write the filter-32008 chunk of ``pixels`` at the start of ``out`` (uint8, e.g. a ring slot).
+
+    Returns the chunk's size in bytes, or 0 when it does not fit ``out`` (then ``out`` is left
+    untouched). bitshuffle's C encoder takes no output capacity (it assumes room for its worst
+    case, more than the raw image), so it cannot write into a slot of image size directly: it
+    compresses into its own buffer and only a chunk that fits is copied (a fraction of the image).
+    """
+    pixels = np.ascontiguousarray(pixels)
+    block = check_block_bytes(block_bytes, pixels.dtype.itemsize)
+    body = bitshuffle.compress_lz4(pixels.reshape(-1), block)
+    n_bytes = HEADER.size + body.nbytes
+    if n_bytes > out.nbytes:
+        return 0
+    _store_bitshuffle_chunk(out, pixels, block, body)
+    return n_bytes
+
+
+def _store_bitshuffle_chunk(out: np.ndarray, pixels: np.ndarray, block: int, body: np.ndarray) -> None:
+    HEADER.pack_into(out, 0, pixels.nbytes, block * pixels.dtype.itemsize)
+    out[HEADER.size:HEADER.size + body.nbytes] = body
 
 
 def bitshuffle_lz4_header(blob: np.ndarray | bytes | memoryview) -> tuple[int, int]:
@@ -118,6 +153,20 @@ def blosc2_encode(pixels: np.ndarray, level: int = 5, nthreads: int = 1) -> byte
                             filters=[blosc2.Filter.BITSHUFFLE], filters_meta=[0], nthreads=nthreads)
 
 
+def blosc2_encode_into(pixels: np.ndarray, out: np.ndarray, level: int = 5) -> int:
+    """Write the Blosc2 chunk of ``pixels`` at the start of ``out`` (uint8, e.g. a ring slot).
+
+    Returns the chunk's size in bytes, or 0 when it does not fit ``out`` (``out`` untouched).
+    python-blosc2 has no compress-into-buffer call, so the chunk is copied once (a fraction of
+    the image); single-threaded inside, the caller's threads give the parallelism.
+    """
+    chunk = blosc2_encode(pixels, level)
+    if len(chunk) > out.nbytes:
+        return 0
+    out[:len(chunk)] = np.frombuffer(chunk, np.uint8)
+    return len(chunk)
+
+
 def blosc2_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     dtype = np.dtype(dtype)
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -128,6 +177,54 @@ def blosc2_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype, shape:
     if len(raw) != expected:
         raise CodecError(f"blosc2 blob holds {len(raw)} bytes, image {shape} {dtype} has {expected}")
     return np.frombuffer(raw, dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------- threads
+# blosc2 holds the GIL while it compresses unless told otherwise; releasing it costs nothing
+# measurable on images and lets threads compress in parallel (2 threads: 1.9x on 2 cores).
+blosc2.set_releasegil(True)
+
+_openmp_lock = threading.Lock()
+_openmp_libraries: list[ctypes.CDLL] | None = None
+
+
+def _openmp_runtimes() -> list[ctypes.CDLL]:
+    """The OpenMP runtimes bitshuffle may use: its wheel's own copy, else any loaded libgomp."""
+    global _openmp_libraries
+    with _openmp_lock:
+        if _openmp_libraries is None:
+            package = os.path.dirname(bitshuffle.__file__)
+            paths = sorted(glob.glob(os.path.join(package + ".libs", "libgomp*.so*")))
+            if not paths:
+                try:
+                    with open("/proc/self/maps") as maps:
+                        paths = sorted({line.split()[-1] for line in maps if "libgomp" in line.split()[-1]})
+                except OSError:
+                    paths = []
+            libraries = []
+            for path in paths:
+                try:
+                    library = ctypes.CDLL(path)
+                    library.omp_set_num_threads.argtypes = [ctypes.c_int]
+                    libraries.append(library)
+                except (OSError, AttributeError):
+                    log.debug("cannot use OpenMP runtime %s", path, exc_info=True)
+            _openmp_libraries = libraries
+        return _openmp_libraries
+
+
+def single_threaded_openmp() -> bool:
+    """Make bitshuffle use one core in the calling thread (OpenMP settings are per thread).
+
+    bitshuffle's wheel is built with OpenMP: each call would otherwise use every core, and after
+    it the idle OpenMP threads spin for a while, taking the cores from the stage's other threads.
+    Call once at the start of each thread that compresses. False when no OpenMP runtime is
+    found (a build without OpenMP is single threaded already).
+    """
+    libraries = _openmp_runtimes()
+    for library in libraries:
+        library.omp_set_num_threads(1)
+    return bool(libraries)
 
 
 # ---------------------------------------------------------------- any bus image
