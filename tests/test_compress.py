@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
+import time
 
 import bitshuffle
 import blosc2
@@ -16,11 +18,11 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-import zmq
 from conftest import wait_until
 
 from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
 from stddaq.bus.ram_buffer import BufferLayout
+from stddaq.errors import BusError
 from stddaq.formats.compression import bitshuffle_lz4_header, decode
 from stddaq.patterns import ramp
 from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
@@ -30,6 +32,7 @@ from stddaq.services.compress import (
     LOST,
     TOO_BIG,
     Codec,
+    Compressor,
     bitshuffle_lz4_codec,
     blosc2_codec,
     compress_into,
@@ -45,22 +48,8 @@ COMPRESSION = {"blosc2": ImageMetadataCompression.blosc2,
 
 # ---------------------------------------------------------------------- helpers
 def subscribe(config, suffix: str, timeout: float = 10.0) -> ImageSubscriber:
-    """A subscriber on ``suffix`` whose connection to the (running) publisher is complete.
-
-    A PUB drops what it sends before a subscriber's handshake is done, so the test waits for
-    the handshake before it lets any image flow.
-    """
-    assert wait_until(lambda: os.path.exists(f"/tmp/{config.channel(suffix)}"), timeout=timeout), \
-        f"{config.channel(suffix)} was never bound"
-    subscriber = ImageSubscriber(config, suffix).connect()
-    monitor = subscriber.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    try:
-        assert monitor.poll(timeout * 1000), f"no handshake with {config.ipc_address(suffix)}"
-        monitor.recv_multipart()
-    finally:
-        subscriber.socket.disable_monitor()
-        monitor.close(0)
-    return subscriber
+    """A subscriber on ``suffix`` connected to its (running) publisher, so it misses no image."""
+    return ImageSubscriber(config, suffix).connect(wait=timeout)
 
 
 def stop(stage) -> str:
@@ -152,6 +141,14 @@ def test_compress_into_reports_a_source_overwritten_meanwhile(source_ring) -> No
 
     codec = Codec("blosc2", "blosc2", real.compression, overwritten_while_compressing)
     assert compress_into(codec, image, np.zeros(config.image_n_bytes, np.uint8)) == (LOST, 0)
+
+
+def test_connect_wait_says_when_no_publisher_comes(make_config) -> None:
+    config, _ = make_config()
+    subscriber = ImageSubscriber(config, "blosc2")
+    with pytest.raises(BusError, match=f"no publisher at ipc:///tmp/{config.channel('blosc2')} after 0.2 s"):
+        subscriber.connect(wait=0.2)
+    assert subscriber.socket is None
 
 
 def test_stats_line_prints_the_ratio() -> None:
@@ -321,3 +318,43 @@ def test_block_size_rule_uses_the_pixel_size(make_config, service) -> None:
     stage = service(STAGE, "h5bitshuffle_lz4", path, "-t", "1", "-b", "48")
     assert stage.wait(timeout=30) == 2
     assert "48 bytes is not a multiple of 32 (8 x 4 bytes per pixel)" in stage.output()[1]
+
+
+def test_images_sharing_an_output_slot_are_never_in_flight_together(make_config) -> None:
+    """Image 0 is slow to compress, and its source slot is reused by image 4 meanwhile. 4 maps
+    to the same output slot: the stage (in this process, -t 2) must not compress 4 until 0 is
+    done, or 0's late write would land on 4's output. 0 is counted lost, 4 comes out exact."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=4)
+    real = bitshuffle_lz4_codec(0, 2)
+
+    def slow_for_image_0(pixels: np.ndarray, out: np.ndarray) -> int:
+        read = pixels.copy()  # what it read before the producer came by
+        time.sleep(0.4 if read.flat[0] == 0 else 0.05)  # ramp pixel (0, 0) of image id is 7 * id
+        return real.encode_into(read, out)
+
+    stage = Compressor(config, Codec(real.name, real.suffix, real.compression, slow_for_image_0), threads=2)
+    with ImagePublisher(config) as source:
+        stage.start()
+        runner = threading.Thread(target=stage.run)
+        runner.start()
+        try:
+            assert source.wait_for_subscribers(1, timeout=10)
+            with subscribe(config, "h5bitshuffle-lz4") as subscriber:
+                metadata = image_metadata(config)
+                metadata.image_id = 0
+                source.publish_image(metadata, ramp(0, config.shape, config.dtype))
+                assert wait_until(lambda: stage._in_flight == 1, timeout=5)
+                metadata.image_id = 4
+                source.publish_image(metadata, ramp(4, config.shape, config.dtype))
+                image = subscriber.receive(timeout=10)
+                assert image is not None and image.image_id == 4
+                pixels = np.array(decode(image.metadata, image.data))  # a copy: the ring goes away at the end
+                intact = subscriber.confirm(image)
+                del image
+                assert intact and np.array_equal(pixels, ramp(4, config.shape, config.dtype))
+        finally:
+            stage.stop()
+            runner.join(timeout=10)
+            stage.close()
+    totals = stage.stats()
+    assert totals["compressed"] == 1 and totals["lost"] == 1

@@ -12,10 +12,11 @@ we read it, the result is thrown away and the image counted ``lost`` (never publ
 compressed image bigger than the slot (incompressible data) is counted ``too_big`` and not
 published. The output channel has the source's slot size and slot count.
 
-Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it hands images to N
-worker threads (the codecs release the GIL, see ``stddaq.formats.compression``) and publishes
-the results in the order the images came, so readers of the output see ids in source order.
-At most ``2 * N`` images are in flight and never two with the same output slot.
+Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it hands images, in
+batches of about 1 MiB, to N worker threads (the codecs release the GIL, see
+``stddaq.formats.compression``) and publishes the results in the order the images came, so
+readers of the output see ids in source order. At most ``2 * N`` batches are in flight, fewer
+images than slots, and never two with the same output slot.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ _NONE = int(ImageMetadataCompression.none)
 
 #: What ``compress_into`` did with one image.
 COMPRESSED, FORWARDED, TOO_BIG, LOST = "compressed", "forwarded", "too_big", "lost"
+ERROR = "errors"  # an exception while compressing: counted, logged, image not published
+#: Images per hand-off to a worker thread: about this many bytes of images (at least one).
+BATCH_BYTES = 1 << 20
 #: How often the loop says again that it waits for a missing source buffer.
 WAIT_LOG_PERIOD = 10.0
 
@@ -117,11 +121,14 @@ class Compressor(Service):
         self.codec = codec
         self.threads = threads
         self.source_suffix = source_suffix
-        self.max_in_flight = 1 if threads == 1 else min(2 * threads, config.n_slots)
+        self.batch_images = max(1, BATCH_BYTES // config.image_n_bytes)
+        # every in-flight image needs its own output slot, so fewer than n_slots of them
+        self.max_in_flight = max(1, min(2 * threads * self.batch_images, config.n_slots - 1))
+        self._in_flight = 0
         self.subscriber: ImageSubscriber | None = None
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[tuple[Image, Future]] = deque()
+        self._pending: deque[tuple[list[Image], Future]] = deque()
         self._pending_slots: set[int] = set()
         self._next_wait_log = 0.0
         self.counters.declare(COMPRESSED, TOO_BIG, "not_good")
@@ -167,6 +174,7 @@ class Compressor(Service):
             self._pool = None
         self._pending.clear()
         self._pending_slots.clear()
+        self._in_flight = 0
         if self.subscriber is not None:
             self.subscriber.close()
             self.subscriber = None
@@ -181,19 +189,24 @@ class Compressor(Service):
             self._attach_source()
         if self._pool is None:
             return self._step_inline()
-        pending = self._pending
+        pending, receive = self._pending, self.subscriber.receive
         end = time.monotonic() + 0.05
         while time.monotonic() < end and not self.stopping:
             while pending and pending[0][1].done():
                 self._finish(*pending.popleft())
-            if len(pending) >= self.max_in_flight:
+            if self._in_flight >= self.max_in_flight:
                 self._finish(*pending.popleft())  # waits for the oldest
                 continue
-            image = self.subscriber.receive(timeout=0.001 if pending else 0.05)
-            if image is not None:
-                self._submit(image)
-            elif not pending:
-                return True
+            image = receive(timeout=0.001 if pending else 0.05)
+            if image is None:
+                if not pending:
+                    return True
+                continue
+            batch = [image]
+            room = min(self.batch_images, self.max_in_flight - self._in_flight)
+            while len(batch) < room and (image := receive(timeout=0)) is not None:
+                batch.append(image)
+            self._submit(batch)
         return True
 
     def _step_inline(self) -> bool:
@@ -201,44 +214,62 @@ class Compressor(Service):
         receive, process = self.subscriber.receive, self._process
         end = time.monotonic() + 0.05
         while (image := receive(timeout=0.05)) is not None:
-            try:
-                outcome = process(image)
-            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
-                self._failed(image, exc)
-            else:
-                self._account(image, *outcome)
+            self._account(image, *process(image))
             if time.monotonic() >= end or self.stopping:
                 break
         return True
 
-    def _process(self, image: Image) -> tuple[str, int]:
-        """The work of one image, in a worker thread or inline."""
-        return compress_into(self.codec, image, self.publisher.begin(image.image_id))
-
-    def _submit(self, image: Image) -> None:
-        slot = image.image_id % self.publisher.layout.n_slots
-        while slot in self._pending_slots:  # two in-flight images must never share an output slot
-            self._finish(*self._pending.popleft())
-        self._pending_slots.add(slot)
-        self._pending.append((image, self._pool.submit(self._process, image)))
-
-    def _finish(self, image: Image, future: Future) -> None:
-        self._pending_slots.discard(image.image_id % self.publisher.layout.n_slots)
+    def _process(self, image: Image) -> tuple[str, int | str]:
+        """The work of one image, in a worker thread or inline: (outcome, bytes or error text)."""
         try:
-            outcome, n_bytes = future.result()
+            return compress_into(self.codec, image, self.publisher.begin(image.image_id))
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
-            self._failed(image, exc)
-            return
-        self._account(image, outcome, n_bytes)
+            return ERROR, f"{type(exc).__name__}: {exc}"
 
-    def _failed(self, image: Image, exc: Exception) -> None:
-        self.counters.add("errors")
-        self.last_error = f"image {image.image_id}: {type(exc).__name__}: {exc}"
-        self.counters.warn("errors", log, "%s; not published", self.last_error)
+    def _process_batch(self, batch: list[Image]) -> list[tuple[str, int | str]]:
+        process = self._process
+        return [process(image) for image in batch]
 
-    def _account(self, image: Image, outcome: str, n_bytes: int) -> None:
+    def _submit(self, batch: list[Image]) -> None:
+        """Hand a batch to the pool. Images go in batches because a hand-off between threads
+        costs tens of microseconds, as much as compressing a small image."""
+        n_slots = self.publisher.layout.n_slots
+        taken = self._pending_slots
+        for index, image in enumerate(batch):
+            slot = image.image_id % n_slots
+            if slot in taken:  # two in-flight images must never share an output slot
+                for earlier in batch[:index]:
+                    taken.discard(earlier.image_id % n_slots)
+                if index:
+                    self._submit(batch[:index])
+                while slot in taken:
+                    self._finish(*self._pending.popleft())
+                self._submit(batch[index:])
+                return
+            taken.add(slot)
+        self._in_flight += len(batch)
+        self._pending.append((batch, self._pool.submit(self._process_batch, batch)))
+
+    def _finish(self, batch: list[Image], future: Future) -> None:
+        n_slots = self.publisher.layout.n_slots
+        self._in_flight -= len(batch)
+        for image in batch:
+            self._pending_slots.discard(image.image_id % n_slots)
+        try:
+            outcomes = future.result()
+        except Exception as exc:  # noqa: BLE001 - _process catches per image; this is the pool failing
+            outcomes = [(ERROR, f"{type(exc).__name__}: {exc}")] * len(batch)
+        for image, outcome in zip(batch, outcomes, strict=True):
+            self._account(image, *outcome)
+
+    def _account(self, image: Image, outcome: str, n_bytes: int | str) -> None:
         """Count the outcome and publish what may go on (called in source order)."""
         counters, metadata = self.counters, image.metadata
+        if outcome == ERROR:
+            counters.add(ERROR)
+            self.last_error = f"image {image.image_id}: {n_bytes}"
+            counters.warn(ERROR, log, "%s; not published", self.last_error)
+            return
         if outcome == LOST:
             self.subscriber.confirm(image)  # counts it lost
             return
