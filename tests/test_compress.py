@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +24,8 @@ from conftest import wait_until
 
 from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
 from stddaq.bus.ram_buffer import BufferLayout
-from stddaq.errors import BusError
+from stddaq.deploy import plan
+from stddaq.errors import BusError, ConfigError
 from stddaq.formats.compression import bitshuffle_lz4_header, decode
 from stddaq.patterns import ramp
 from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
@@ -358,3 +361,42 @@ def test_images_sharing_an_output_slot_are_never_in_flight_together(make_config)
             stage.close()
     totals = stage.stats()
     assert totals["compressed"] == 1 and totals["lost"] == 1
+
+
+# ---------------------------------------------------------------------- stddaq up
+def test_plan_starts_the_stages_a_config_asks_for(make_config) -> None:
+    config, path = make_config()
+    assert not [s for s in plan(config, path) if s.name.startswith("std_data_compress")]
+    config, path = make_config(compression_stages={"blosc2": {"threads": 2, "level": 7},
+                                                   "h5bitshuffle_lz4": {"block_size": 1024}})
+    specs = {s.name: s.argv[2:] for s in plan(config, path)}
+    assert specs["std_data_compress_blosc2"] == [STAGE, "blosc2", str(path), "-t", "2", "-l", "7"]
+    assert specs["std_data_compress_h5bitshuffle_lz4"] == [STAGE, "h5bitshuffle_lz4", str(path), "-t", "1", "-b", "1024"]
+    names = list(specs)
+    assert names.index("std_sim") < names.index("std_data_compress_blosc2")  # producers first
+
+
+@pytest.mark.parametrize("stages,message", [
+    ({"zstd": {}}, "'compression_stages.zstd.[key]'"),
+    ({"blosc2": {"level": 0}}, "'compression_stages.blosc2.level' has value 0"),
+    ({"blosc2": {"threads": 0}}, "'compression_stages.blosc2.threads' has value 0"),
+    ({"blosc2": {"thread": 2}}, "'compression_stages.blosc2.thread'"),
+    ({"h5bitshuffle_lz4": {"block_size": 24}}, "block_size 24 is not a multiple of 16 (8 x 2 bytes per pixel)"),
+])
+def test_bad_compression_stages_config_is_named(make_config, stages, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(compression_stages=stages)
+
+
+def test_stddaq_up_runs_the_compression_stages(make_config) -> None:
+    config, path = make_config(compression_stages={"blosc2": {"threads": 2}, "h5bitshuffle_lz4": {}})
+    out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for codec in ("blosc2", "h5bitshuffle_lz4"):
+        lines = [ln for ln in out.stdout.splitlines() if f"service=std_data_compress_{codec},processed_times=" in ln]
+        assert lines, out.stdout
+        assert all(",lost=0," in ln and ",too_big=0," in ln for ln in lines), lines
+        assert sum(int(ln.split(",compressed=")[1].split(",")[0]) for ln in lines) > 100
+    monitor = [ln for ln in out.stdout.splitlines() if "service=std_bus_monitor,processed_times=" in ln]
+    assert monitor and all(",corrupt=0" in ln for ln in monitor)

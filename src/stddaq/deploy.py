@@ -59,8 +59,12 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
     path = str(config_path)
     specs = [
         ServiceSpec("std_sim", py + ["stddaq.services.simulator", path, "--rate", str(DEMO_RATE_HZ if demo else 100)]),
-        ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]),
     ]
+    for codec, stage in config.compression_stages.items():  # only those the config asks for
+        option = ["-l", str(stage.level)] if codec == "blosc2" else ["-b", str(stage.block_size)]
+        specs.append(ServiceSpec(f"std_data_compress_{codec}",
+                                 py + ["stddaq.services.compress", codec, path, "-t", str(stage.threads), *option]))
+    specs.append(ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]))
     return specs
 
 
