@@ -115,15 +115,17 @@ def test_encoders_are_set_up_for_threads() -> None:
     assert seen and set(seen) == {1}
 
 
-def test_encode_into_writes_the_chunk_or_nothing() -> None:
+def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
     from stddaq.formats.compression import bitshuffle_lz4_encode_into, blosc2_encode_into
 
-    pixels = ramp(4, (30, 40), "uint16")
-    for encode_into, make in ((bitshuffle_lz4_encode_into, bitshuffle_lz4_encode), (blosc2_encode_into, blosc2_encode)):
-        out = np.full(pixels.nbytes, 0xAB, np.uint8)
-        n_bytes = encode_into(pixels, out)
-        expected = np.frombuffer(make(pixels), np.uint8)
-        assert n_bytes == expected.nbytes and np.array_equal(out[:n_bytes], expected)
-        assert (out[n_bytes:] == 0xAB).all()
-        small = np.full(n_bytes - 1, 0xCD, np.uint8)
-        assert encode_into(pixels, small) == 0 and (small == 0xCD).all()
+    for shape, dtype in (((30, 40), "uint16"), ((7, 13), "uint8"), ((64, 48), "float32")):
+        pixels = ramp(4, shape, dtype)
+        for encode_into, make in ((bitshuffle_lz4_encode_into, bitshuffle_lz4_encode),
+                                  (blosc2_encode_into, blosc2_encode)):
+            expected = np.frombuffer(make(pixels), np.uint8)  # byte for byte what the plain encoder makes
+            out = np.full(expected.nbytes + 16, 0xAB, np.uint8)
+            n_bytes = encode_into(pixels, out)
+            assert n_bytes == expected.nbytes and np.array_equal(out[:n_bytes], expected)
+            assert (out[n_bytes:] == 0xAB).all()
+            small = np.full(n_bytes - 1, 0xCD, np.uint8)
+            assert encode_into(pixels, small) == 0 and (small == 0xCD).all()
