@@ -124,12 +124,11 @@ def test_compress_into_compresses_forwards_and_refuses(source_ring, codec: Codec
     assert compress_into(codec, image, slot) == (FORWARDED, pixels.nbytes)
     assert slot.tobytes() == pixels.tobytes()
 
-    # incompressible: does not fit the slot, and the slot is not touched
+    # incompressible: does not fit the slot (blosc2 may have written part of it: the caller
+    # marked the slot as being written and publishes nothing, so no reader takes it)
     noise = np.random.default_rng(1).integers(0, 1 << 16, config.shape, dtype=np.uint16)
     image = put(config, buffer, 11, noise)
-    slot[:] = 7
     assert compress_into(codec, image, slot) == (TOO_BIG, 0)
-    assert (slot == 7).all()
 
 
 def test_compress_into_reports_a_source_overwritten_meanwhile(source_ring) -> None:

@@ -156,15 +156,133 @@ def blosc2_encode(pixels: np.ndarray, level: int = 5, nthreads: int = 1) -> byte
 def blosc2_encode_into(pixels: np.ndarray, out: np.ndarray, level: int = 5) -> int:
     """Write the Blosc2 chunk of ``pixels`` at the start of ``out`` (uint8, e.g. a ring slot).
 
-    Returns the chunk's size in bytes, or 0 when it does not fit ``out`` (``out`` untouched).
-    python-blosc2 has no compress-into-buffer call, so the chunk is copied once (a fraction of
-    the image); single-threaded inside, the caller's threads give the parallelism.
+    Returns the chunk's size in bytes, or 0 when it does not fit ``out``; then ``out`` may hold
+    part of a chunk, which must not be published. Single-threaded inside: the caller's threads
+    give the parallelism. python-blosc2 has no compress-into-a-buffer call, so this calls
+    libblosc2 (the wheel's own shared library) the way ``compress2`` does (same parameters, a
+    fresh context, so byte for byte the same chunk) but with ``out`` as destination: 10-15%
+    faster per image than ``compress2`` and a copy. If that library cannot be used here, it
+    falls back to ``compress2`` and a copy.
     """
+    if not 0 <= level <= BLOSC2_MAX_LEVEL:
+        raise ValueError(f"blosc2 level {level} is not allowed (allowed: 0..{BLOSC2_MAX_LEVEL})")
+    pixels = np.ascontiguousarray(pixels)
+    direct = _blosc2_direct()
+    if direct is not None:
+        return direct.compress_into(pixels, out, level)
     chunk = blosc2_encode(pixels, level)
     if len(chunk) > out.nbytes:
         return 0
     out[:len(chunk)] = np.frombuffer(chunk, np.uint8)
     return len(chunk)
+
+
+#: what compress2 allows a chunk beyond its data (BLOSC2_MAX_OVERHEAD): the same destination
+#: capacity gives the same chunk (with more room, blosc2 may store noise differently)
+_BLOSC2_MAX_OVERHEAD = 32
+_MAX_CHUNK_SOURCE = 0x7FFFFFFF - _BLOSC2_MAX_OVERHEAD
+
+
+class _Blosc2CParams(ctypes.Structure):
+    """``blosc2_cparams`` of the blosc2.h shipped in the wheel (checked against compress2 at load)."""
+
+    _fields_ = [("compcode", ctypes.c_uint8), ("compcode_meta", ctypes.c_uint8), ("clevel", ctypes.c_uint8),
+                ("use_dict", ctypes.c_int), ("typesize", ctypes.c_int32), ("nthreads", ctypes.c_int16),
+                ("blocksize", ctypes.c_int32), ("splitmode", ctypes.c_int32), ("schunk", ctypes.c_void_p),
+                ("filters", ctypes.c_uint8 * 6), ("filters_meta", ctypes.c_uint8 * 6),
+                ("prefilter", ctypes.c_void_p), ("preparams", ctypes.c_void_p), ("tuner_params", ctypes.c_void_p),
+                ("tuner_id", ctypes.c_int), ("instr_codec", ctypes.c_bool), ("codec_params", ctypes.c_void_p),
+                ("filter_params", ctypes.c_void_p * 6)]
+
+
+class _Blosc2Direct:
+    """libblosc2's ``blosc2_compress_ctx`` into the caller's buffer, with its capacity (it never
+    writes past it). A fresh context per call, as compress2 makes (a reused context adapts its
+    block sizes and gives other chunks). ctypes releases the GIL during each call."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(blosc2.__file__), "lib", "libblosc2.so"))
+        lib.blosc2_init.restype = None
+        lib.blosc2_get_blosc2_cparams_defaults.restype = _Blosc2CParams
+        lib.blosc2_create_cctx.argtypes = [_Blosc2CParams]
+        lib.blosc2_create_cctx.restype = ctypes.c_void_p
+        lib.blosc2_compress_ctx.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                            ctypes.c_int32]
+        lib.blosc2_compress_ctx.restype = ctypes.c_int
+        lib.blosc2_free_ctx.argtypes = [ctypes.c_void_p]
+        lib.blosc2_free_ctx.restype = None
+        lib.blosc2_init()
+        self._lib = lib
+        self._cparams: dict[tuple[int, int], _Blosc2CParams] = {}
+
+    def _parameters(self, level: int, typesize: int) -> _Blosc2CParams:
+        cparams = self._cparams.get((level, typesize))
+        if cparams is None:  # as compress2 sets them from blosc2_encode's arguments
+            cparams = self._lib.blosc2_get_blosc2_cparams_defaults()
+            cparams.compcode, cparams.compcode_meta, cparams.clevel = int(blosc2.Codec.LZ4.value), 0, level
+            cparams.use_dict, cparams.typesize, cparams.nthreads, cparams.blocksize = 0, typesize, 1, 0
+            cparams.splitmode = int(blosc2.cparams_dflts["splitmode"].value)
+            for i in range(6):
+                cparams.filters[i] = 0
+                cparams.filters_meta[i] = 0
+            cparams.filters[0] = int(blosc2.Filter.BITSHUFFLE.value)
+            cparams.tuner_id = int(blosc2.cparams_dflts["tuner"].value)
+            self._cparams[(level, typesize)] = cparams
+        return cparams
+
+    def compress_into(self, pixels: np.ndarray, out: np.ndarray, level: int) -> int:
+        if pixels.nbytes > _MAX_CHUNK_SOURCE:
+            raise ValueError(f"an image of {pixels.nbytes} bytes is too large for one blosc2 chunk (< 2 GiB)")
+        lib = self._lib
+        context = lib.blosc2_create_cctx(self._parameters(level, pixels.dtype.itemsize))
+        if not context:
+            raise RuntimeError("libblosc2 could not create a compression context")
+        try:
+            n_bytes = lib.blosc2_compress_ctx(context, pixels.ctypes.data, pixels.nbytes, out.ctypes.data,
+                                              min(out.nbytes, pixels.nbytes + _BLOSC2_MAX_OVERHEAD))
+        finally:
+            lib.blosc2_free_ctx(context)
+        if n_bytes < 0:
+            raise RuntimeError(f"blosc2 compression failed (error {n_bytes})")
+        return n_bytes
+
+
+_direct_lock = threading.Lock()
+_direct: _Blosc2Direct | None | bool = False  # False: not tried yet
+
+
+def _blosc2_direct() -> _Blosc2Direct | None:
+    """The direct path, if libblosc2 loads here and writes exactly the chunks compress2 writes."""
+    global _direct
+    if _direct is False:
+        with _direct_lock:
+            if _direct is False:
+                _direct = _load_blosc2_direct()
+    return _direct  # type: ignore[return-value]
+
+
+def _load_blosc2_direct() -> _Blosc2Direct | None:
+    rng = np.random.default_rng(0)
+    samples = [np.arange(6000, dtype=np.uint16) % 977, np.arange(999, dtype=np.uint32) * 3,
+               (np.arange(5000) % 313).astype(np.float32), np.arange(91, dtype=np.uint8),
+               rng.integers(0, 1 << 16, 20_000, dtype=np.uint16)]  # noise: the does-not-fit path
+    try:
+        direct = _Blosc2Direct()
+        for sample in samples:
+            for level in (1, 5, 9):
+                expected = blosc2_encode(sample, level)
+                for room in (len(expected), sample.nbytes):
+                    out = np.zeros(room, np.uint8)
+                    n_bytes = direct.compress_into(sample, out, level)
+                    fits = len(expected) <= room
+                    if (n_bytes != (len(expected) if fits else 0)
+                            or (fits and out[:n_bytes].tobytes() != expected)):
+                        raise RuntimeError(f"its chunk of a {sample.dtype} sample at level {level} differs from "
+                                           f"blosc2.compress2's")
+    except (OSError, AttributeError, RuntimeError, ValueError) as exc:
+        log.info("blosc2 compresses through compress2 and a copy (libblosc2's direct call is unusable: %s)", exc)
+        return None
+    return direct
 
 
 def blosc2_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
