@@ -350,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m stddaq.services.compress blosc2|h5bitshuffle_lz4 detector.json ...``."""
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: python -m stddaq.services.compress {blosc2,h5bitshuffle_lz4} detector.json -t THREADS "
+              "[-l LEVEL | -b BLOCK_BYTES]  (see CODEC --help)")
+        return 0
     if not argv or argv[0] not in MAINS:
         print("std_data_compress: error: first argument must be the codec: blosc2 or h5bitshuffle_lz4 "
               f"(got {argv[0] if argv else 'nothing'!r})", file=sys.stderr)
