@@ -91,3 +91,48 @@ def test_truncated_or_corrupt_bitshuffle_blobs_are_refused_not_crashing() -> Non
     corrupt[12:16] = 255  # first block claims 4 GB
     with pytest.raises(CodecError, match="runs past the end"):
         bitshuffle_lz4_decode(corrupt, "uint16", (100, 123))
+
+
+def test_encoders_are_set_up_for_threads() -> None:
+    """What lets -t N compress in parallel: blosc2 releases the GIL (set on import of the codecs)
+    and single_threaded_openmp() limits bitshuffle's OpenMP team of the calling thread to 1."""
+    import threading
+
+    import blosc2
+
+    from stddaq.formats import compression
+
+    assert blosc2.set_releasegil(True) is True  # it was already on
+    seen: list[int] = []
+
+    def worker() -> None:
+        assert compression.single_threaded_openmp()
+        seen.extend(lib.omp_get_max_threads() for lib in compression._openmp_runtimes())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen and set(seen) == {1}
+
+
+def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
+    from stddaq.formats.compression import _blosc2_direct, bitshuffle_lz4_encode_into, blosc2_encode_into
+
+    # blosc2 writes straight into ``out`` through libblosc2 (checked against compress2 at load)
+    assert _blosc2_direct() is not None
+    for shape, dtype in (((30, 40), "uint16"), ((7, 13), "uint8"), ((64, 48), "float32")):
+        pixels = ramp(4, shape, dtype)
+        for encode_into, make in ((bitshuffle_lz4_encode_into, bitshuffle_lz4_encode),
+                                  (blosc2_encode_into, blosc2_encode)):
+            expected = np.frombuffer(make(pixels), np.uint8)  # byte for byte what the plain encoder makes
+            out = np.full(expected.nbytes + 16, 0xAB, np.uint8)
+            n_bytes = encode_into(pixels, out)
+            assert n_bytes == expected.nbytes and np.array_equal(out[:n_bytes], expected)
+            assert (out[n_bytes:] == 0xAB).all()
+            small = np.full(n_bytes - 1, 0xCD, np.uint8)
+            assert encode_into(pixels, small) == 0
+            if encode_into is bitshuffle_lz4_encode_into:  # blosc2 may have written part of a chunk
+                assert (small == 0xCD).all()
+        noise = np.random.default_rng(3).integers(0, 1 << 16, shape, dtype=np.uint16)
+        for encode_into in (bitshuffle_lz4_encode_into, blosc2_encode_into):
+            assert encode_into(noise, np.empty(noise.nbytes, np.uint8)) == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stddaq.errors import ConfigError
 
@@ -53,6 +53,16 @@ class LiveStreamConfig(BaseModel):
         return self
 
 
+class CompressionStageConfig(BaseModel):
+    """One entry of ``compression_stages`` (beyond upstream): a stage `stddaq up` starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: StrictPositiveInt = 1
+    level: Annotated[int, Field(strict=True, ge=1, le=9)] = 5  # blosc2 only
+    block_size: StrictNonNegativeInt = 0  # h5bitshuffle_lz4 only: bytes, 0 = 8192
+
+
 class DetectorConfig(BaseModel):
     """A deployment's detector config; unknown keys are kept for other services."""
 
@@ -85,6 +95,21 @@ class DetectorConfig(BaseModel):
     # Beyond upstream: an explicit slot count, for small test rings and small machines. A C++
     # reader does not know this key and computes n_slots from ram_buffer_gb.
     ram_buffer_slots: StrictPositiveInt | None = None
+    # Beyond upstream: compression stages `stddaq up` starts, e.g. {"blosc2": {"threads": 2}}.
+    compression_stages: dict[Literal["blosc2", "h5bitshuffle_lz4"], CompressionStageConfig] = Field(
+        default_factory=dict)
+
+    @field_validator("compression_stages")
+    @classmethod
+    def _check_block_size(cls, value: dict[str, CompressionStageConfig], info: ValidationInfo) -> dict:
+        stage = value.get("h5bitshuffle_lz4")
+        if stage is None or "bit_depth" not in info.data or "detector_type" not in info.data:
+            return value
+        itemsize = 4 if info.data["detector_type"] == "jungfrau-converted" else info.data["bit_depth"] // 8
+        if stage.block_size % (8 * itemsize):
+            raise ValueError(f"h5bitshuffle_lz4 block_size {stage.block_size} is not a multiple of {8 * itemsize} "
+                             f"(8 x {itemsize} bytes per pixel)")
+        return value
 
     @field_validator("module_positions")
     @classmethod
@@ -217,4 +242,6 @@ _ALLOWED = {
     "log_level": ", ".join(LOG_LEVELS),
     "live_stream_configs": '{"tcp://host:port": {"type": "forward"} or {"type": "periodic"|"batch", "config": [Y, N]}}',
     "module_positions": '{"module_id": [x0, y0, x1, y1]}',
+    "compression_stages": '{"blosc2": {"threads": N, "level": 1..9}, "h5bitshuffle_lz4": {"threads": N, '
+                          '"block_size": bytes, 0 or a multiple of 8 x bytes per pixel}}',
 }

@@ -60,8 +60,12 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
     path = str(config_path)
     specs = [
         ServiceSpec("std_sim", py + ["stddaq.services.simulator", path, "--rate", str(DEMO_RATE_HZ if demo else 100)]),
-        ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]),
     ]
+    for codec, stage in config.compression_stages.items():  # only those the config asks for
+        option = ["-l", str(stage.level)] if codec == "blosc2" else ["-b", str(stage.block_size)]
+        specs.append(ServiceSpec(f"std_data_compress_{codec}",
+                                 py + ["stddaq.services.compress", codec, path, "-t", str(stage.threads), *option]))
+    specs.append(ServiceSpec("std_bus_monitor", py + ["stddaq.services.monitor", path, "--verify", "ramp"]))
     # one std_live_stream per configured address; it reads its mode from live_stream_configs itself
     specs += [ServiceSpec(f"std_live_stream {address}", py + ["stddaq.services.live_stream", path, address])
               for address in config.live_stream_configs]

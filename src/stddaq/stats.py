@@ -34,6 +34,7 @@ class Stats:
         self.processed_bytes = 0
         self._period_processed = (0, 0)
         self._warned: set[str] = set()
+        self._ratios: dict[str, tuple[str, str]] = {}
 
     def add(self, name: str, n: int = 1) -> None:
         self._period[name] = self._period.get(name, 0) + n
@@ -48,6 +49,12 @@ class Stats:
         for name in names:
             self._period.setdefault(name, 0)
             self._totals.setdefault(name, 0)
+
+    def declare_ratio(self, name: str, numerator: str, denominator: str) -> None:
+        """A derived figure of the line, ``numerator / denominator`` of the period's counters
+        (e.g. a compression ratio), printed with 2 decimals; 0.00 while the denominator is 0."""
+        self.declare(numerator, denominator)
+        self._ratios[name] = (numerator, denominator)
 
     def warn(self, key: str, logger: logging.Logger, message: str, *args: object) -> None:
         """Log a warning at most once per period per ``key`` (garbage must not flood the log)."""
@@ -66,6 +73,9 @@ class Stats:
         parts = [f"detector={self.detector}", f"service={self.service}",
                  f"processed_times={times}", f"repetition_rate_hz={rate:.1f}", f"processed_bytes={n_bytes}"]
         parts += [f"{k}={v}" for k, v in self._period.items()]
+        for name, (numerator, denominator) in self._ratios.items():
+            below = self._period[denominator]
+            parts.append(f"{name}={self._period[numerator] / below if below else 0.0:.2f}")
         return ",".join(parts)
 
     def tick(self, now: float | None = None) -> str | None:

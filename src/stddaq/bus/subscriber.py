@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from stddaq.bus.publisher import METADATA_HWM
 from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.config import DetectorConfig
-from stddaq.errors import BufferMissingError
+from stddaq.errors import BufferMissingError, BusError
 from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ImageMetadataCompression
 from stddaq.stats import Stats
 
@@ -90,15 +90,30 @@ class ImageSubscriber:
         self._slot = self.layout.slot_n_bytes
 
     # ------------------------------------------------------------------ lifetime
-    def connect(self) -> ImageSubscriber:
+    def connect(self, wait: float = 0.0) -> ImageSubscriber:
+        """Connect; with ``wait`` > 0, return only once connected to the publisher (or raise
+        BusError after ``wait`` seconds). A PUB drops what it sends before a subscriber's
+        handshake is done, so a consumer that starts its source after this misses nothing."""
         self._ctx = self._ctx or zmq.Context()
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, METADATA_HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 20)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(self.address)
         self.socket = sock
+        if not wait:
+            sock.connect(self.address)
+            return self
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # before connect: no event missed
+        try:
+            sock.connect(self.address)
+            connected = monitor.poll(wait * 1000)
+        finally:
+            sock.disable_monitor()
+            monitor.close(0)
+        if not connected:
+            self.close()
+            raise BusError(f"no publisher at {self.address} after {wait:g} s: start {self.created_by} first")
         return self
 
     def attach(self, wait: float = 0.0) -> RamBuffer:

@@ -81,7 +81,9 @@ class Simulator(Service):
     def _step(self) -> bool:
         """Publish images for up to 50 ms, pacing them at ``rate``; False when done."""
         publisher, metadata, stats = self.publisher, self._metadata, self.counters
-        slot_array, fill = publisher.buffer.slot_array, self._generator.fill
+        # the typed slot view and the guard mark straight from the buffer: begin()'s uint8 view
+        # would be made and thrown away per image
+        slot_array, begin_write, fill = publisher.buffer.slot_array, publisher.buffer.begin_write, self._generator.fill
         kind = self.config.detector_type
         shape, dtype = self.config.shape, self.config.dtype
         n_bytes = metadata.size
@@ -100,7 +102,7 @@ class Simulator(Service):
                     return True
                 if wait > 0:
                     time.sleep(wait)
-            publisher.begin(image_id)
+            begin_write(image_id)
             fill(image_id, slot_array(image_id, shape, dtype))
             metadata.image_id = image_id
             if kind == "gigafrost":

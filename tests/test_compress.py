@@ -1,0 +1,401 @@
+"""Compression stages: std_sim -> std_data_compress_* -> ImageSubscriber, decoded independently.
+
+The per-image function is tested on a real ring without sockets (including an overwrite during
+compression); the stages run as real subprocesses between real shm rings and ipc sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import bitshuffle
+import blosc2
+import h5py
+import hdf5plugin
+import numpy as np
+import pytest
+from conftest import wait_until
+
+from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
+from stddaq.bus.ram_buffer import BufferLayout
+from stddaq.deploy import plan
+from stddaq.errors import BusError, ConfigError
+from stddaq.formats.compression import bitshuffle_lz4_header, decode
+from stddaq.patterns import ramp
+from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
+from stddaq.services.compress import (
+    COMPRESSED,
+    FORWARDED,
+    LOST,
+    TOO_BIG,
+    Codec,
+    Compressor,
+    bitshuffle_lz4_codec,
+    blosc2_codec,
+    compress_into,
+)
+from stddaq.stats import Stats
+
+SIM = "stddaq.services.simulator"
+STAGE = "stddaq.services.compress"
+SUFFIX = {"blosc2": "blosc2", "h5bitshuffle_lz4": "h5bitshuffle-lz4"}
+COMPRESSION = {"blosc2": ImageMetadataCompression.blosc2,
+               "h5bitshuffle_lz4": ImageMetadataCompression.h5bitshuffle_lz4}
+
+
+# ---------------------------------------------------------------------- helpers
+def subscribe(config, suffix: str, timeout: float = 10.0) -> ImageSubscriber:
+    """A subscriber on ``suffix`` connected to its (running) publisher, so it misses no image."""
+    return ImageSubscriber(config, suffix).connect(wait=timeout)
+
+
+def stop(stage) -> str:
+    """SIGTERM the stage, check it exits 0, return its stderr."""
+    stage.proc.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=20) == 0
+    return stage.output()[1]
+
+
+def stage_totals(stderr: str, detector: str, service: str) -> dict[str, int]:
+    """Sum of every counter over all stats lines the stage printed."""
+    totals: dict[str, int] = {}
+    for line in stderr.splitlines():
+        if f"detector={detector},service={service}," not in line:
+            continue
+        for key, value in re.findall(r"(\w+)=(\d+)(?:,|$)", line.split("stddaq.stats: ", 1)[-1]):
+            totals[key] = totals.get(key, 0) + int(value)
+    assert totals, f"no stats line of {service} in:\n{stderr}"
+    return totals
+
+
+def check_independently(name: str, blob: np.ndarray, expected: np.ndarray, block_bytes: int = 0) -> None:
+    """Decode ``blob`` with the libraries directly, not with stddaq's own decode()."""
+    if name == "blosc2":
+        assert blosc2.decompress(blob.tobytes()) == expected.tobytes()
+        return
+    n_bytes, header_block = bitshuffle_lz4_header(blob)
+    assert n_bytes == expected.nbytes and header_block == (block_bytes or 8192)
+    pixels = bitshuffle.decompress_lz4(blob[12:], expected.shape, expected.dtype, header_block // expected.itemsize)
+    assert np.array_equal(pixels, expected)
+
+
+# ---------------------------------------------------------------------- the per-image function
+@pytest.fixture
+def source_ring(make_config):
+    config, _ = make_config(image_pixel_height=40, image_pixel_width=56, ram_buffer_slots=4)
+    buffer = RamBuffer.create(BufferLayout.of(config, "image"))
+    try:
+        yield config, buffer
+    finally:
+        buffer.close()
+
+
+def put(config, buffer: RamBuffer, image_id: int, pixels: np.ndarray, status=ImageMetadataStatus.good_image) -> Image:
+    buffer.begin_write(image_id)
+    view = buffer.slot_array(image_id, config.shape, config.dtype)
+    view[:] = pixels
+    buffer.end_write(image_id)
+    metadata = image_metadata(config, image_id)
+    metadata.status = status
+    return Image(metadata, view, buffer)
+
+
+@pytest.mark.parametrize("codec", [blosc2_codec(5), blosc2_codec(1), bitshuffle_lz4_codec(0, 2),
+                                   bitshuffle_lz4_codec(256, 2)], ids=["blosc2", "blosc2-l1", "bs", "bs-256"])
+def test_compress_into_compresses_forwards_and_refuses(source_ring, codec: Codec) -> None:
+    config, buffer = source_ring
+    slot = np.zeros(config.image_n_bytes, np.uint8)
+    pixels = ramp(9, config.shape, config.dtype)
+    image = put(config, buffer, 9, pixels)
+    outcome, n_bytes = compress_into(codec, image, slot)
+    assert outcome == COMPRESSED and 0 < n_bytes < pixels.nbytes
+    image.metadata.compression, image.metadata.size = codec.compression, n_bytes
+    assert np.array_equal(decode(image.metadata, slot[:n_bytes]), pixels)
+
+    # a damaged image goes on as it is, byte for byte
+    image = put(config, buffer, 10, pixels, ImageMetadataStatus.missing_packets)
+    slot[:] = 0
+    assert compress_into(codec, image, slot) == (FORWARDED, pixels.nbytes)
+    assert slot.tobytes() == pixels.tobytes()
+
+    # incompressible: does not fit the slot (blosc2 may have written part of it: the caller
+    # marked the slot as being written and publishes nothing, so no reader takes it)
+    noise = np.random.default_rng(1).integers(0, 1 << 16, config.shape, dtype=np.uint16)
+    image = put(config, buffer, 11, noise)
+    assert compress_into(codec, image, slot) == (TOO_BIG, 0)
+
+
+def test_compress_into_reports_a_source_overwritten_meanwhile(source_ring) -> None:
+    config, buffer = source_ring
+    image = put(config, buffer, 5, ramp(5, config.shape, config.dtype))
+    real = blosc2_codec()
+
+    def overwritten_while_compressing(pixels: np.ndarray, out: np.ndarray) -> int:
+        n_bytes = real.encode_into(pixels, out)
+        buffer.begin_write(5 + config.n_slots)  # the producer reuses the slot
+        return n_bytes
+
+    codec = Codec("blosc2", "blosc2", real.compression, overwritten_while_compressing)
+    assert compress_into(codec, image, np.zeros(config.image_n_bytes, np.uint8)) == (LOST, 0)
+
+
+def test_connect_wait_says_when_no_publisher_comes(make_config) -> None:
+    config, _ = make_config()
+    subscriber = ImageSubscriber(config, "blosc2")
+    with pytest.raises(BusError, match=f"no publisher at ipc:///tmp/{config.channel('blosc2')} after 0.2 s"):
+        subscriber.connect(wait=0.2)
+    assert subscriber.socket is None
+
+
+def test_stats_line_prints_the_ratio() -> None:
+    lines: list[str] = []
+    stats = Stats("det", "svc", 1.0, clock=lambda: 0.0, emit=lines.append)
+    stats.declare_ratio("ratio", "uncompressed_bytes", "compressed_bytes")
+    assert stats.flush(1.0).endswith(",uncompressed_bytes=0,compressed_bytes=0,ratio=0.00")
+    stats.add("uncompressed_bytes", 300)
+    stats.add("compressed_bytes", 100)
+    assert stats.flush(2.0).endswith(",ratio=3.00")
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("codec,threads,extra,detector", [
+    ("blosc2", 1, [], {}),
+    ("blosc2", 2, ["-l", "9"], {"detector_type": "eiger", "bit_depth": 32}),
+    ("h5bitshuffle_lz4", 2, [], {}),
+    ("h5bitshuffle_lz4", 1, ["-b", "512"], {"detector_type": "eiger", "bit_depth": 8}),
+])
+def test_every_image_decodes_to_the_ramp_in_order(make_config, service, tmp_path, codec, threads, extra,
+                                                  detector) -> None:
+    config, path = make_config(image_pixel_height=40, image_pixel_width=72, ram_buffer_slots=400, **detector)
+    n_images, start_id = 300, 50
+    block_bytes = int(extra[1]) if extra[:1] == ["-b"] else 0
+    stage = service(STAGE, codec, path, "-t", threads, *extra)
+    h5 = h5py.File(tmp_path / "chunks.h5", "w")
+    dataset = h5.create_dataset("data", (n_images, *config.shape), config.dtype, chunks=(1, *config.shape),
+                                **hdf5plugin.Bitshuffle(nelems=block_bytes // config.dtype.itemsize, cname="lz4"))
+    with subscribe(config, SUFFIX[codec]) as subscriber, h5:
+        sim = service(SIM, path, "--n-images", n_images, "--start-id", start_id, "--rate", 1000,
+                      "--wait-subscribers", 1)
+        for index, expected_id in enumerate(range(start_id, start_id + n_images)):
+            image = subscriber.receive(timeout=10)
+            assert image is not None, f"nothing after image {expected_id - 1}"
+            meta = image.metadata
+            assert meta.image_id == expected_id
+            assert meta.compression == COMPRESSION[codec]
+            assert meta.status == ImageMetadataStatus.good_image
+            assert (meta.height, meta.width) == config.shape
+            assert meta.size == image.data.nbytes < config.image_n_bytes
+            expected = ramp(expected_id, config.shape, config.dtype)
+            assert np.array_equal(decode(meta, image.data), expected)
+            check_independently(codec, image.data, expected, block_bytes)
+            if codec == "h5bitshuffle_lz4":
+                dataset.id.write_direct_chunk((index, 0, 0), image.data.tobytes())
+            assert subscriber.confirm(image)
+        assert sim.wait(timeout=30) == 0
+        totals = subscriber.stats.totals()
+        assert totals["lost"] == totals["gaps"] == totals["invalid"] == 0
+    if codec == "h5bitshuffle_lz4":  # what an HDF5 reader sees: plain h5py, the filter from hdf5plugin
+        with h5py.File(tmp_path / "chunks.h5", "r") as f:
+            for index in (0, 1, n_images // 2, n_images - 1):
+                assert np.array_equal(f["data"][index], ramp(start_id + index, config.shape, config.dtype))
+    err = stop(stage)
+    totals = stage_totals(err, config.detector_name, f"std_data_compress_{codec}")
+    assert totals["compressed"] == totals["processed_times"] == n_images
+    assert totals["lost"] == totals["too_big"] == totals["not_good"] == totals["gaps"] == 0
+    assert re.search(r",ratio=\d+\.\d\d", err)
+    assert not os.path.exists(f"/dev/shm/{config.channel(SUFFIX[codec])}")
+
+
+@pytest.mark.parametrize("codec", ["blosc2", "h5bitshuffle_lz4"])
+def test_incompressible_and_damaged_images(make_config, service, codec) -> None:
+    """Random images are counted too_big and never published; damaged ones go on uncompressed."""
+    config, path = make_config(image_pixel_height=32, image_pixel_width=64, ram_buffer_slots=8)
+    rng = np.random.default_rng(7)
+    stage = service(STAGE, codec, path, "-t", 2)
+    # id -> what the test sends: ramp (good), noise (good, incompressible) or damaged ramp
+    plan = {i: "noise" if i % 5 == 2 else "damaged" if i % 7 == 3 else "ramp" for i in range(60)}
+    with ImagePublisher(config) as source:
+        assert source.wait_for_subscribers(1, timeout=10)
+        with subscribe(config, SUFFIX[codec]) as subscriber:
+            metadata = image_metadata(config)
+            for image_id, kind in plan.items():
+                metadata.image_id = image_id
+                metadata.status = (ImageMetadataStatus.missing_packets if kind == "damaged"
+                                   else ImageMetadataStatus.good_image)
+                pixels = (rng.integers(0, 1 << 16, config.shape, dtype=np.uint16) if kind == "noise"
+                          else ramp(image_id, config.shape, config.dtype))
+                source.publish_image(metadata, pixels)
+                if kind == "noise":
+                    continue
+                image = subscriber.receive(timeout=10)  # lockstep: the small ring is never overrun
+                assert image is not None, f"image {image_id} did not come out"
+                assert image.image_id == image_id
+                if kind == "damaged":
+                    assert image.metadata.compression == ImageMetadataCompression.none
+                    assert image.metadata.status == ImageMetadataStatus.missing_packets
+                    assert image.metadata.size == pixels.nbytes
+                else:
+                    assert image.metadata.compression == COMPRESSION[codec]
+                assert np.array_equal(decode(image.metadata, image.data), pixels)
+                assert subscriber.confirm(image)
+            assert subscriber.receive(timeout=0.5) is None  # nothing else: the noise images were held back
+    err = stop(stage)
+    totals = stage_totals(err, config.detector_name, f"std_data_compress_{codec}")
+    kinds = list(plan.values())
+    assert totals["too_big"] == kinds.count("noise")
+    assert totals["not_good"] == kinds.count("damaged")
+    assert totals["compressed"] == kinds.count("ramp")
+    assert totals["lost"] == 0
+    assert "does not fit the slot" in err and "too_big" in err
+
+
+def test_a_stage_behind_a_fast_source_loses_images_but_never_publishes_a_bad_one(make_config, service) -> None:
+    """A tiny ring under a full-speed simulator: the stage falls behind; whatever it publishes
+    is exact, the rest is counted lost/gaps."""
+    config, path = make_config(image_pixel_height=128, image_pixel_width=128, ram_buffer_slots=4)
+    n_images = 2000
+    stage = service(STAGE, "h5bitshuffle_lz4", path, "-t", 2)
+    good = 0
+    with subscribe(config, "h5bitshuffle-lz4") as subscriber:
+        service(SIM, path, "--n-images", n_images, "--wait-subscribers", 1)
+        last_id = -1
+        while (image := subscriber.receive(timeout=5)) is not None:
+            assert image.image_id > last_id, "ids went back: the output order is broken"
+            last_id = image.image_id
+            pixels = decode(image.metadata, image.data)
+            if subscriber.confirm(image):
+                assert np.array_equal(pixels, ramp(image.image_id, config.shape, config.dtype))
+                good += 1
+    assert good > 0
+    err = stop(stage)
+    totals = stage_totals(err, config.detector_name, "std_data_compress_h5bitshuffle_lz4")
+    assert totals["compressed"] + totals["lost"] + totals["gaps"] == n_images
+    assert totals["compressed"] >= good
+
+
+def test_waits_for_a_missing_source_then_compresses(make_config, service) -> None:
+    config, path = make_config()
+    stage = service(STAGE, "blosc2", path, "-t", 1)
+    with subscribe(config, "blosc2") as subscriber:
+        assert not RamBuffer.exists(config.channel("image"))
+        service(SIM, path, "--n-images", 20, "--wait-subscribers", 1)
+        ids = []
+        while len(ids) < 20 and (image := subscriber.receive(timeout=10)) is not None:
+            assert np.array_equal(decode(image.metadata, image.data), ramp(image.image_id, config.shape, config.dtype))
+            ids.append(image.image_id)
+    assert ids == list(range(20))
+    err = stop(stage)
+    assert f"waiting for the source /dev/shm/{config.channel('image')}: start the simulator" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["blosc2", "-t", "0"], "-t/--threads: 0 is not allowed"),
+    (["blosc2", "-t", "x"], "-t/--threads"),
+    (["blosc2"], "required: -t/--threads"),
+    (["blosc2", "-t", "1", "-l", "12"], "-l/--level: 12 is not allowed (allowed: 1..9)"),
+    (["blosc2", "-t", "1", "-l", "0"], "level 0 stores images uncompressed"),
+    (["blosc2", "-t", "1", "-l", "-1"], "-l/--level"),
+    (["h5bitshuffle_lz4", "-t", "1", "-b", "-16"], "block size -16 is not allowed"),
+    (["h5bitshuffle_lz4", "-t", "1", "-b", "24"], "24 bytes is not a multiple of 16 (8 x 2 bytes per pixel)"),
+    (["h5bitshuffle_lz4", "-t", "1", "-b", "4k"], "-b/--block_size"),
+    (["zstd", "-t", "1"], "must be the codec: blosc2 or h5bitshuffle_lz4"),
+])
+def test_bad_arguments_exit_2_with_one_line(make_config, service, args, message) -> None:
+    _, path = make_config()
+    stage = service(STAGE, args[0], path, *args[1:])
+    assert stage.wait(timeout=30) == 2
+    _, err = stage.output()
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_block_size_rule_uses_the_pixel_size(make_config, service) -> None:
+    """-b must be a multiple of 8 x bytes per pixel: 48 is fine for uint16, not for uint32."""
+    _, path = make_config(detector_type="eiger", bit_depth=32)
+    stage = service(STAGE, "h5bitshuffle_lz4", path, "-t", "1", "-b", "48")
+    assert stage.wait(timeout=30) == 2
+    assert "48 bytes is not a multiple of 32 (8 x 4 bytes per pixel)" in stage.output()[1]
+
+
+def test_images_sharing_an_output_slot_are_never_in_flight_together(make_config) -> None:
+    """Image 0 is slow to compress, and its source slot is reused by image 4 meanwhile. 4 maps
+    to the same output slot: the stage (in this process, -t 2) must not compress 4 until 0 is
+    done, or 0's late write would land on 4's output. 0 is counted lost, 4 comes out exact."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=4)
+    real = bitshuffle_lz4_codec(0, 2)
+
+    def slow_for_image_0(pixels: np.ndarray, out: np.ndarray) -> int:
+        read = pixels.copy()  # what it read before the producer came by
+        time.sleep(0.4 if read.flat[0] == 0 else 0.05)  # ramp pixel (0, 0) of image id is 7 * id
+        return real.encode_into(read, out)
+
+    stage = Compressor(config, Codec(real.name, real.suffix, real.compression, slow_for_image_0), threads=2)
+    with ImagePublisher(config) as source:
+        stage.start()
+        runner = threading.Thread(target=stage.run)
+        runner.start()
+        try:
+            assert source.wait_for_subscribers(1, timeout=10)
+            with subscribe(config, "h5bitshuffle-lz4") as subscriber:
+                metadata = image_metadata(config)
+                metadata.image_id = 0
+                source.publish_image(metadata, ramp(0, config.shape, config.dtype))
+                assert wait_until(lambda: stage._in_flight == 1, timeout=5)
+                metadata.image_id = 4
+                source.publish_image(metadata, ramp(4, config.shape, config.dtype))
+                image = subscriber.receive(timeout=10)
+                assert image is not None and image.image_id == 4
+                pixels = np.array(decode(image.metadata, image.data))  # a copy: the ring goes away at the end
+                intact = subscriber.confirm(image)
+                del image
+                assert intact and np.array_equal(pixels, ramp(4, config.shape, config.dtype))
+        finally:
+            stage.stop()
+            runner.join(timeout=10)
+            stage.close()
+    totals = stage.stats()
+    assert totals["compressed"] == 1 and totals["lost"] == 1
+
+
+# ---------------------------------------------------------------------- stddaq up
+def test_plan_starts_the_stages_a_config_asks_for(make_config) -> None:
+    config, path = make_config()
+    assert not [s for s in plan(config, path) if s.name.startswith("std_data_compress")]
+    config, path = make_config(compression_stages={"blosc2": {"threads": 2, "level": 7},
+                                                   "h5bitshuffle_lz4": {"block_size": 1024}})
+    specs = {s.name: s.argv[2:] for s in plan(config, path)}
+    assert specs["std_data_compress_blosc2"] == [STAGE, "blosc2", str(path), "-t", "2", "-l", "7"]
+    assert specs["std_data_compress_h5bitshuffle_lz4"] == [STAGE, "h5bitshuffle_lz4", str(path), "-t", "1", "-b", "1024"]
+    names = list(specs)
+    assert names.index("std_sim") < names.index("std_data_compress_blosc2")  # producers first
+
+
+@pytest.mark.parametrize("stages,message", [
+    ({"zstd": {}}, "'compression_stages.zstd.[key]'"),
+    ({"blosc2": {"level": 0}}, "'compression_stages.blosc2.level' has value 0"),
+    ({"blosc2": {"threads": 0}}, "'compression_stages.blosc2.threads' has value 0"),
+    ({"blosc2": {"thread": 2}}, "'compression_stages.blosc2.thread'"),
+    ({"h5bitshuffle_lz4": {"block_size": 24}}, "block_size 24 is not a multiple of 16 (8 x 2 bytes per pixel)"),
+])
+def test_bad_compression_stages_config_is_named(make_config, stages, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(compression_stages=stages)
+
+
+def test_stddaq_up_runs_the_compression_stages(make_config) -> None:
+    config, path = make_config(compression_stages={"blosc2": {"threads": 2}, "h5bitshuffle_lz4": {}})
+    out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for codec in ("blosc2", "h5bitshuffle_lz4"):
+        lines = [ln for ln in out.stdout.splitlines() if f"service=std_data_compress_{codec},processed_times=" in ln]
+        assert lines, out.stdout
+        assert all(",lost=0," in ln and ",too_big=0," in ln for ln in lines), lines
+        assert sum(int(ln.split(",compressed=")[1].split(",")[0]) for ln in lines) > 100
+    monitor = [ln for ln in out.stdout.splitlines() if "service=std_bus_monitor,processed_times=" in ln]
+    assert monitor and all(",corrupt=0" in ln for ln in monitor)
