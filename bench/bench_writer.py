@@ -46,8 +46,16 @@ def _fill(publisher: ImagePublisher, config, n_images: int) -> None:
         publisher.publish_image(metadata, ramp.fill(image_id, pixels))
 
 
+def settle() -> None:
+    """Write back every dirty page before a measured run, so that no run pays for the writeback
+    of the run before it (the kernel throttles writers past dirty_background_ratio: measured
+    here, that swung figures between 0.4 and 4 GB/s depending on run order)."""
+    os.sync()
+
+
 def raw_write(publisher: ImagePublisher, n_images: int, n_bytes: int, path: Path) -> float:
     """GB/s of f.write of the slots (the baseline)."""
+    settle()
     start = time.perf_counter()
     with open(path, "wb") as f:
         for image_id in range(n_images):
@@ -59,6 +67,7 @@ def raw_write(publisher: ImagePublisher, n_images: int, n_bytes: int, path: Path
 
 def image_file(publisher: ImagePublisher, config, n_images: int, path: Path, direct: bool) -> float:
     buffer = publisher.buffer
+    settle()
     start = time.perf_counter()
     with ImageFile.create(path, config.detector_name, config.shape, config.dtype,
                           gpfs_block_size=config.gpfs_block_size, direct=direct) as f:
@@ -90,6 +99,7 @@ def writer_service(config, config_path: Path, n_images: int, path: Path) -> floa
             raise RuntimeError(answer.reason)
         metadata = image_metadata(config)
         action = WriterAction(record_image=RecordImage(image_metadata=metadata))
+        settle()
         start = time.perf_counter()
         for image_id in range(n_images):
             action.record_image.image_metadata.image_id = image_id
