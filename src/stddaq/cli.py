@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from stddaq import __version__
 from stddaq.config import DetectorConfig
 from stddaq.errors import StddaqError
+from stddaq.services.base import positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,20 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     record = sub.add_parser("record", help="record images to HDF5 files through a writer driver (std_det_driver)")
     record.add_argument("--driver", required=True, help="websocket of the driver, e.g. ws://localhost:8080")
     record.add_argument("--path", required=True, help="directory for the files (must exist on the driver's host)")
-    record.add_argument("--n-images", type=_positive_int, required=True, help="number of images to record")
+    record.add_argument("--n-images", type=positive_int, required=True, help="number of images to record")
     record.add_argument("--prefix", default=None, help="file name prefix (driver default: file)")
     record.add_argument("--start-id", type=int, default=None, help="skip images with a smaller id")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be > 0")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,34 +144,25 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be > 0")
-    return value
+def _number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callable[[Any], bool],
+                 name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that names the bad value and what is allowed (one line, exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: must be {allowed}")
+        return value
+
+    convert.__name__ = name
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be >= 0")
-    return value
+positive_int = _number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
+non_negative_int = _number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
+non_negative_float = _number_type(float, "a number", ">= 0", lambda v: v >= 0, "non_negative_float")
 
 
 def setup_logging(level: int) -> None:
