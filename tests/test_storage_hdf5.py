@@ -77,6 +77,77 @@ def test_raw_bytes_and_intact_guard(tmp_path) -> None:
     assert list(meta["image_id"]) == [1, 3] and np.array_equal(data[1], ramp(3, SHAPE, DT))
 
 
+class _Ring:
+    """A ring of slots in one buffer with a per-slot sequence, like RamBuffer (for borrowed appends)."""
+
+    def __init__(self, n_slots: int) -> None:
+        self.data = np.zeros((n_slots, *SHAPE), DT)
+        self.seq = np.zeros(n_slots, np.int64)
+
+    def put(self, image_id: int) -> np.ndarray:
+        slot = image_id % len(self.seq)
+        self.data[slot] = ramp(image_id, SHAPE, DT)
+        self.seq[slot] = image_id
+        return self.data[slot]
+
+    def overwrite(self, image_id: int) -> None:
+        self.put(image_id + len(self.seq))
+
+    def intact(self, image_id: int):
+        return lambda: self.seq[image_id % len(self.seq)] == image_id
+
+
+def test_borrowed_slots_in_a_row_are_written_without_copy(tmp_path) -> None:
+    """Whole chunks straight from the ring, a chunk across the ring's end copied, a flushed partial
+    chunk copied: the file is the same as with copies."""
+    ring = _Ring(10)
+    path = tmp_path / "f.h5"
+    with ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES) as f:
+        for image_id in range(15):
+            assert f.append(image_id, 1, ring.put(image_id), ring.intact(image_id), borrowed=True)
+            if image_id == 3:
+                assert f.written == 4 and not f._chunk[0].any()  # written from the ring, never copied
+            if image_id == 12:
+                f.flush()
+                assert f.written == 13
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == list(range(15))
+    assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(15))
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_borrowed_slot_overwritten_is_dropped_never_written(tmp_path, when) -> None:
+    ring = _Ring(8)
+    dropped: list[int] = []
+    path = tmp_path / "f.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
+    f.on_dropped = lambda image_id, reason: dropped.append(image_id)
+    for image_id in range(3):
+        assert f.append(image_id, 1, ring.put(image_id), ring.intact(image_id), borrowed=True)
+    if when == "before":
+        ring.overwrite(1)  # taken, then overwritten before its chunk is written
+    else:  # overwritten while the chunk is written: the second check after the write sees it
+        write = f._dsid.write_direct_chunk
+
+        class Dsid:
+            def __getattr__(self, name):
+                return getattr(write.__self__, name)
+
+            def write_direct_chunk(self, offset, chunk):
+                write(offset, chunk)
+                ring.overwrite(1)
+
+        f._dsid = Dsid()
+    assert f.append(3, 1, ring.put(3), ring.intact(3), borrowed=True)
+    assert dropped == [1] and f.count == 3 and f.written == 0
+    for image_id in range(4, 6):
+        f.append(image_id, 1, ring.put(image_id), ring.intact(image_id), borrowed=True)
+    f.close()
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == [0, 2, 3, 4, 5]
+    assert all(np.array_equal(data[k], ramp(i, SHAPE, DT)) for k, i in enumerate([0, 2, 3, 4, 5]))
+
+
 @pytest.mark.parametrize("compression,encode", [(BITSHUFFLE_LZ4, bitshuffle_lz4_encode), (BLOSC2, blosc2_encode)])
 def test_compressed_blobs_decode_with_plain_h5py_and_hdf5plugin(tmp_path, compression, encode) -> None:
     path = tmp_path / "c.h5"

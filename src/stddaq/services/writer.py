@@ -174,6 +174,10 @@ class Writer(Service):
         self.last_error = f"image {image_id}: {reason}"
         self.counters.warn(counter, log, "writer %s: image %d not written: %s", self.writer_index, image_id, reason)
 
+    def _dropped(self, image_id: int, reason: str) -> None:
+        """An image the file took without copying and found overwritten before writing it."""
+        self._lost(image_id, reason, "lost")
+
     def _failure(self, reason: str) -> None:
         """A failure of the file itself (flush, close), reported with the next answer."""
         self.counters.add("failed")
@@ -220,6 +224,7 @@ class Writer(Service):
             else:
                 self.file = ImageFile.create(path, self.config.detector_name, self.config.shape, self.config.dtype,
                                              self.compression, self.config.gpfs_block_size)
+                self.file.on_dropped = self._dropped
         except StorageError as exc:
             self._restore_user()
             return False, str(exc) + previous
@@ -342,7 +347,8 @@ class Writer(Service):
         else:
             def intact() -> bool:
                 return buffer.holds(image_id)
-        if not file.append(image_id, metadata.status, data, intact):
+        # a guarded buffer says when a slot is overwritten, so the file may write it later (zero copy)
+        if not file.append(image_id, metadata.status, data, intact, borrowed=intact is not None and buffer.guarded):
             self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
             raise _Skip
 

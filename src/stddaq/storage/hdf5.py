@@ -191,6 +191,12 @@ class ImageFile:
         self._chunk = np.zeros((images_per_chunk, *shape), dtype) if compression == NONE else None
         self._in_chunk = 0       # images in self._chunk
         self._chunk_on_disk = False  # the current chunk was written partly filled already
+        # Borrowed run (zero copy): the images of the chunk being filled, not copied, while they sit
+        # one after the other in one buffer (a run of RAM buffer slots): (view, id, status, intact).
+        self._borrowed: list[tuple[np.ndarray, int, int, Callable[[], bool]]] = []
+        #: called with (image_id, reason) for an image append() accepted and that was dropped later
+        #: (its borrowed slot was overwritten before its chunk was written); logged if None
+        self.on_dropped: Callable[[int, str], None] | None = None
         self._frame = blosc2_frame(dtype.itemsize, self._image_n_bytes) if compression == BLOSC2 else None
         self.failure: str | None = None
         self._closed = False
@@ -246,20 +252,102 @@ class ImageFile:
         return self._written
 
     def append(self, image_id: int, status: int, data: np.ndarray | bytes | memoryview,
-               intact: Callable[[], bool] | None = None) -> bool:
+               intact: Callable[[], bool] | None = None, *, borrowed: bool = False) -> bool:
         """Add one image; False (nothing added) if ``intact()`` says its source changed while read.
 
         ``data`` is the (H, W) pixel array for a raw file, the compressed blob for a compressed one
         (a raw blosc2 chunk: it is wrapped here). Raises WriteFailed (naming every image lost with
         it) when the file system refuses, StorageError when the file failed before.
+
+        ``borrowed=True`` (raw files, with ``intact``): ``data`` is a view the caller keeps in place
+        until ``intact()`` turns False (a slot of a guarded RAM buffer). Then images that follow
+        one another in that buffer are not copied: a whole chunk of them is written straight from
+        the buffer, and ``intact()`` of each is checked before and after that write. An image found
+        overwritten then is dropped from its chunk (never written as good) and reported through
+        ``on_dropped``; the others are copied and kept. Copying a chunk costs about half as much
+        CPU as writing it into the page cache, so without this a file cannot keep up with a raw write.
         """
         if self.failure is not None:
             raise StorageError(f"image {image_id} not written: {self.path} failed earlier ({self.failure})")
         if self._closed:
             raise StorageError(f"image {image_id} not written: {self.path} is closed")
         if self._chunk is not None:
+            if borrowed and intact is not None and self.direct and self._borrow(image_id, status, data, intact):
+                return True
+            if self._borrowed:
+                self._unborrow()
             return self._append_raw(image_id, status, data, intact)
         return self._append_compressed(image_id, status, data, intact)
+
+    # ------------------------------------------------------------------ borrowed (zero-copy) chunks
+    def _borrow(self, image_id: int, status: int, data, intact: Callable[[], bool]) -> bool:
+        """Take ``data`` as the next image of a borrowed run; False if it cannot continue one."""
+        if not (isinstance(data, np.ndarray) and data.shape == self.shape and data.dtype == self.dtype
+                and data.flags.c_contiguous and data.base is not None):
+            return False
+        run = self._borrowed
+        if run:
+            first = run[0][0]
+            if data.base is not first.base or data.ctypes.data != first.ctypes.data + len(run) * self._image_n_bytes:
+                return False
+        elif self._in_chunk:
+            return False  # the chunk has copied images already: it stays a copied chunk
+        if not intact():
+            return False  # the copy path reports it as overwritten
+        run.append((data, image_id, status, intact))
+        self._add_row(image_id, status)
+        self._in_chunk += 1
+        self._count += 1
+        if self._in_chunk == self.images_per_chunk:
+            self._write_borrowed()
+        return True
+
+    def _write_borrowed(self) -> None:
+        """Write the full borrowed run as one chunk straight from its buffer (see append)."""
+        run = self._borrowed
+
+        def all_intact() -> bool:
+            return all(intact() for _, _, _, intact in run)
+
+        if all_intact():
+            first = run[0][0]
+            # one view over the run: same buffer, consecutive addresses (checked in _borrow)
+            view = np.lib.stride_tricks.as_strided(first, shape=(len(run), *self.shape),
+                                                   strides=(self._image_n_bytes, *first.strides))
+            if self._write_chunk(view, all_intact):
+                self._borrowed = []
+                self._in_chunk = 0
+                self._chunk_on_disk = False
+                return
+            self._chunk_on_disk = True  # its place is taken: the copied chunk is written there
+        self._unborrow()
+
+    def _unborrow(self) -> None:
+        """Turn the borrowed run into a copied chunk: copy each image that is still intact after
+        its copy, drop (and report) the others."""
+        run, self._borrowed = self._borrowed, []
+        n = len(run)
+        self._n_rows -= n  # the run's rows are the last ones, none on disk
+        self._count -= n
+        self._in_chunk -= n
+        for view, image_id, status, intact in run:
+            np.copyto(self._chunk[self._in_chunk], view, casting="no")
+            if not intact():
+                self._dropped(image_id, "overwritten in the RAM buffer before its chunk was written")
+                continue
+            self._add_row(image_id, status)
+            self._in_chunk += 1
+            self._count += 1
+        if self._in_chunk == self.images_per_chunk:
+            self._write_chunk()
+            self._in_chunk = 0
+            self._chunk_on_disk = False
+
+    def _dropped(self, image_id: int, reason: str) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped(image_id, reason)
+        else:
+            log.warning("%s: image %d not written: %s", self.path, image_id, reason)
 
     def _append_raw(self, image_id: int, status: int, data, intact) -> bool:
         target = self._chunk[self._in_chunk]
@@ -308,8 +396,11 @@ class ImageFile:
         self._rows[self._n_rows] = (image_id, status)
         self._n_rows += 1
 
-    def _write_chunk(self) -> None:
-        """Write the chunk being filled (whole or partly filled) and make its images visible."""
+    def _write_chunk(self, source: np.ndarray | None = None, verify: Callable[[], bool] | None = None) -> bool:
+        """Write the chunk being filled (whole or partly filled; from ``source``, a borrowed run,
+        instead of the chunk buffer) and make its images visible, unless ``verify()`` says after
+        the write that the source changed: then False, and the extent is back to the images
+        written before (HDF5 needs the extent grown before a chunk is written)."""
         first = self._count - self._in_chunk
         n_bytes = self._chunk.nbytes if not self._chunk_on_disk else 0
         try:
@@ -317,13 +408,17 @@ class ImageFile:
             if self._data.shape[0] < self._count:
                 self._data.resize(self._count, axis=0)
             if self.direct:
-                self._dsid.write_direct_chunk((first, 0, 0), self._chunk)
+                self._dsid.write_direct_chunk((first, 0, 0), self._chunk if source is None else source)
             else:
                 self._data[first:self._count] = self._chunk[:self._in_chunk]
+            if verify is not None and not verify():
+                self._data.resize(self._written, axis=0)
+                return False
             self._written = self._count
             self._write_rows()
         except (OSError, RuntimeError) as exc:
             self._fail(exc, self._written)  # a partly filled chunk written before is still good
+        return True
 
     def _write_rows(self) -> None:
         n = self._n_rows
@@ -342,6 +437,7 @@ class ImageFile:
         self._n_rows = written_rows
         self._count = self._written = first_lost
         self._in_chunk = 0
+        self._borrowed = []
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror and "disk full" in exc.strerror \
             else _describe_os_error(exc, self.path)
         self.failure = reason
@@ -352,6 +448,8 @@ class ImageFile:
         """Everything appended so far on disk and visible to readers (raises WriteFailed if not)."""
         if self._closed:
             return
+        if self._borrowed:
+            self._unborrow()  # a partly filled chunk is copied: later images may not follow in the buffer
         if self._chunk is not None and self._in_chunk and self.failure is None:
             self._write_chunk()
             self._chunk_on_disk = True
