@@ -31,6 +31,8 @@ from stddaq.errors import BufferLayoutError, BufferMissingError, BusError
 log = logging.getLogger(__name__)
 
 GUARD_SUFFIX = ".seq"
+#: madvise advice (Linux 5.14); Python's mmap module has no name for it
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _BYTE = np.dtype(np.uint8)
 
 
@@ -178,6 +180,18 @@ class RamBuffer:
             finally:
                 os.close(fd)
         return cls(layout, data, guard, owner=False)
+
+    def populate(self) -> None:
+        """Map every page of the slots now (MADV_POPULATE_READ, Linux >= 5.14; else nothing).
+
+        A reader that writes slots to a file otherwise takes the first pass's page faults inside
+        the kernel's write path, where they cost far more (measured: a 1.2 GB pass of pwrite from a
+        fresh mapping 0.5-1.5 GB/s, from a populated one 2-3 GB/s; populating took 0.035 s).
+        """
+        try:
+            self._data_map.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):
+            pass
 
     @staticmethod
     def exists(name: str) -> bool:

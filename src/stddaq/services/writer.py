@@ -312,6 +312,7 @@ class Writer(Service):
                 self.buffer.close()
                 self.buffer = None
             self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")
+            self.buffer.populate()  # no page faults inside the file writes later
             self._buffer_inode = inode
         return self.buffer
 
