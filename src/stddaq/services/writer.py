@@ -312,7 +312,6 @@ class Writer(Service):
                 self.buffer.close()
                 self.buffer = None
             self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")
-            self.buffer.populate()  # no page faults inside the file writes later
             self._buffer_inode = inode
         return self.buffer
 
@@ -332,6 +331,7 @@ class Writer(Service):
                 self._lost(image_id, "not in the RAM buffer: overwritten before the writer read it "
                                      "(writer too slow or RAM buffer too small)", "lost")
                 raise _Skip
+        buffer.populate(image_id)  # its page faults now, not inside the file write later
         compressed = metadata.compression != NONE
         if compressed:
             data = buffer.slot_bytes(image_id, metadata.size)
