@@ -335,9 +335,13 @@ class ImageFile:
             if not intact():
                 self._dropped(image_id, "overwritten in the RAM buffer before its chunk was written")
                 continue
-            self._add_row(image_id, status)
-            self._in_chunk += 1
-            self._count += 1
+            self._add_copied(image_id, status)
+
+    def _add_copied(self, image_id: int, status: int) -> None:
+        """Count the image just copied into the chunk; write the chunk when it is full."""
+        self._add_row(image_id, status)
+        self._in_chunk += 1
+        self._count += 1
         if self._in_chunk == self.images_per_chunk:
             self._write_chunk()
             self._in_chunk = 0
@@ -361,13 +365,7 @@ class ImageFile:
             target.reshape(-1).view(np.uint8)[:] = raw
         if intact is not None and not intact():
             return False
-        self._add_row(image_id, status)
-        self._in_chunk += 1
-        self._count += 1
-        if self._in_chunk == self.images_per_chunk:
-            self._write_chunk()
-            self._in_chunk = 0
-            self._chunk_on_disk = False
+        self._add_copied(image_id, status)
         return True
 
     def _append_compressed(self, image_id: int, status: int, data, intact) -> bool:
