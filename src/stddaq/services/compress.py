@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from stddaq.bus.publisher import ImagePublisher
+from stddaq.bus.ram_buffer import RamBuffer
 from stddaq.bus.subscriber import Image, ImageSubscriber
 from stddaq.config import DetectorConfig
-from stddaq.errors import BufferMissingError, UsageError
+from stddaq.errors import UsageError
 from stddaq.formats.compression import (
     BLOSC2_MAX_LEVEL,
     bitshuffle_lz4_encode_into,
@@ -132,6 +133,7 @@ class Compressor(Service):
         self._pending_slots: set[int] = set()
         self._outbox: list = []  # metadata of finished images, published by _flush
         self._next_wait_log = 0.0
+        self._source_seen = False
         self.counters.declare(COMPRESSED, TOO_BIG, "not_good")
         self.counters.declare_ratio("ratio", "uncompressed_bytes", "compressed_bytes")
 
@@ -152,20 +154,21 @@ class Compressor(Service):
                  self.threads, "" if self.threads == 1 else "s")
 
     def _attach_source(self) -> None:
-        """Map the source buffer if it exists now; else say (now and then) what we wait for."""
+        """Say (now and then) that the source buffer is missing; the subscriber maps it itself
+        when the first image arrives. Mapping it here as soon as its name exists would race
+        with its writer, which creates the slots first (size 0 for a moment) and the overwrite
+        guard after them."""
         subscriber = self.subscriber
-        if subscriber.buffer is not None:
+        if subscriber.buffer is not None or self._source_seen:
             return
-        try:
-            subscriber.attach()
-        except BufferMissingError:
-            now = self.clock()
-            if now >= self._next_wait_log:
-                self._next_wait_log = now + WAIT_LOG_PERIOD
-                log.info("waiting for the source /dev/shm/%s: start %s", subscriber.layout.name,
-                         subscriber.created_by)
-        else:
-            log.info("source /dev/shm/%s attached", subscriber.layout.name)
+        if RamBuffer.exists(subscriber.layout.name):
+            self._source_seen = True
+            log.info("source /dev/shm/%s is there", subscriber.layout.name)
+            return
+        now = self.clock()
+        if now >= self._next_wait_log:
+            self._next_wait_log = now + WAIT_LOG_PERIOD
+            log.info("waiting for the source /dev/shm/%s: start %s", subscriber.layout.name, subscriber.created_by)
 
     def _close(self) -> None:
         if self._pool is not None:
