@@ -124,3 +124,22 @@ def test_buffer_made_by_another_program_is_never_replaced() -> None:
         assert os.path.exists(f"/dev/shm/{name}")
     finally:
         os.unlink(f"/dev/shm/{name}")
+
+
+def test_buffer_being_created_is_waited_for_not_refused() -> None:
+    """Between claiming the name and sizing it the object has 0 bytes: readers wait, and a claim
+    whose creator died there is replaced by the next writer."""
+    name = unique_name() + "-image"
+    layout = BufferLayout(name, slot_n_bytes=8, n_slots=2)
+    with open(f"/dev/shm/{name}", "wb"):
+        pass  # a 0-byte claim, no guard yet
+    try:
+        with pytest.raises(BufferMissingError):
+            RamBuffer.attach(layout)
+        with RamBuffer.create(layout) as owner:  # the claim's creator is gone: taken over
+            assert owner.guarded
+            with RamBuffer.attach(layout) as reader:
+                assert reader.guarded
+    finally:
+        if os.path.exists(f"/dev/shm/{name}"):
+            os.unlink(f"/dev/shm/{name}")

@@ -70,12 +70,21 @@ def _unlink(name: str) -> None:
         pass
 
 
+def _claim(name: str) -> int:
+    """Create the slots object with 0 bytes (FileExistsError if the name is taken); returns its fd."""
+    return _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o660)
+
+
 def _abandoned(name: str) -> bool:
-    """True if ``name`` is a stddaq buffer whose owner is gone (nobody holds its guard's lock)."""
+    """True if ``name`` is a stddaq buffer whose owner is gone (nobody holds its guard's lock), or a
+    0-byte claim whose creator died before it made the guard."""
     try:
         fd = _posixshmem.shm_open("/" + name + GUARD_SUFFIX, os.O_RDWR, mode=0)
     except FileNotFoundError:
-        return False
+        try:
+            return os.stat(f"/dev/shm/{name}").st_size == 0
+        except FileNotFoundError:
+            return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -93,6 +102,8 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> mmap.mma
             os.ftruncate(fd, n_bytes)
         else:
             actual = os.fstat(fd).st_size
+            if actual == 0:  # claimed by its writer, not sized yet (see RamBuffer.create)
+                raise FileNotFoundError(name)
             if actual != n_bytes:
                 raise BufferLayoutError(
                     f"shared memory /dev/shm/{name} has {actual} bytes but this config implies {n_bytes} "
@@ -129,8 +140,11 @@ class RamBuffer:
         restarted, while a live writer's buffer never is. A buffer without a guard was made by
         another program (a C++ service) and is never touched.
         """
+        # Order matters to readers: claim the name (0 bytes: readers wait), make and lock the
+        # guard, then size and map the slots. A reader that finds the slots sized always finds
+        # the guard too, so it can never map a stddaq buffer without its overwrite guard.
         try:
-            data = _open_shm(layout.name, layout.n_bytes, create=True, writable=True)
+            fd = _claim(layout.name)
         except FileExistsError:
             if not _abandoned(layout.name):
                 raise BusError(
@@ -140,20 +154,25 @@ class RamBuffer:
             log.warning("/dev/shm/%s was left behind by a writer that is gone; replacing it", layout.name)
             for name in (layout.name, layout.name + GUARD_SUFFIX):
                 _unlink(name)
-            data = _open_shm(layout.name, layout.n_bytes, create=True, writable=True)
-        lock_fd = None
+            fd = _claim(layout.name)
+        lock_fd = guard = None
         try:
             _unlink(layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
             guard = _open_shm(layout.name + GUARD_SUFFIX, _round_up(8 * layout.n_slots), create=True, writable=True)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, layout.n_bytes)
+            data = mmap.mmap(fd, layout.n_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            data.close()
+            if guard is not None:
+                guard.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             for name in (layout.name, layout.name + GUARD_SUFFIX):
                 _unlink(name)
             raise
+        finally:
+            os.close(fd)
         buffer = cls(layout, data, guard, owner=True)
         buffer._lock_fd = lock_fd
         return buffer
