@@ -17,6 +17,12 @@ batches of about 1 MiB, to N worker threads (the codecs release the GIL, see
 ``stddaq.formats.compression``) and publishes the results in the order the images came, so
 readers of the output see ids in source order. At most ``2 * N`` batches are in flight, fewer
 images than slots, and never two with the same output slot.
+
+Publishing: finished images are published in order in bursts, when no further source image is
+waiting (before the loop blocks), after about 1 MiB of images, and at the end of every loop
+slice and at close. Messages sent back to back cost libzmq's I/O thread one wake-up instead of
+one per image (at 480x128 its CPU per image halved); an image's slot is marked complete just
+before its message goes, so readers never see a message before its data.
 """
 
 from __future__ import annotations
