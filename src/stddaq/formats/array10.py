@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stddaq.formats import FormatError
+from stddaq.formats import type_name as _type_name
 
 HTYPE = "array-1.0"
 #: What the live stream may send (SPEC 5); other dtypes are not representable and are skipped.
@@ -44,11 +45,7 @@ class Array10Header:
 
 def type_name(dtype: np.dtype | str) -> str:
     """The array-1.0 "type" of a numpy dtype; FormatError if array-1.0 cannot carry it."""
-    dtype = np.dtype(dtype)
-    name = dtype.newbyteorder("=").name
-    if name not in TYPES or dtype.byteorder == ">":
-        raise FormatError(f"dtype {dtype} is not representable in array-1.0 (allowed: {', '.join(TYPES)})")
-    return name
+    return _type_name(dtype, TYPES, "array-1.0")
 
 
 class Array10Encoder:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stddaq.formats import FormatError
+from stddaq.formats import type_name as _type_name
 from stddaq.formats.compression import CodecError, bitshuffle_lz4_decode
 
 MAIN_HTYPE = "bsr_m-1.1"
@@ -49,11 +50,8 @@ class BsreadChannel:
 
 
 def type_name(dtype: np.dtype | str) -> str:
-    dtype = np.dtype(dtype)
-    name = dtype.newbyteorder("=").name
-    if name not in TYPES or dtype.byteorder == ">":
-        raise FormatError(f"dtype {dtype} is not representable in bsread (allowed: {', '.join(TYPES)})")
-    return name
+    """The bsread "type" of a numpy dtype; FormatError if bsread cannot carry it."""
+    return _type_name(dtype, TYPES, "bsread")
 
 
 def encode_data_header(channel: BsreadChannel) -> bytes:

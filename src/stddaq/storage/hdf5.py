@@ -28,11 +28,12 @@ same way. A failed file refuses further images; ``close()`` trims it to what is 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -154,6 +155,18 @@ def _check_directory(path: Path) -> None:
         raise StorageError(f"cannot create {path}: directory {directory} is not writable by uid {os.geteuid()}")
 
 
+@contextlib.contextmanager
+def _laying_out(h5file: h5py.File, path: Path) -> Iterator[None]:
+    """Datasets of a new file: on any failure the file is closed, HDF5 errors become StorageError."""
+    try:
+        yield
+    except BaseException as exc:
+        h5file.close()
+        if isinstance(exc, (OSError, RuntimeError, ValueError)):
+            raise StorageError(f"cannot create {path}: {_describe_os_error(exc, path)}") from None
+        raise
+
+
 def _create_h5(path: Path, **kw) -> h5py.File:
     _check_directory(path)
     free = _SpaceGuard(path)._measure(0)
@@ -225,7 +238,7 @@ class ImageFile:
             if alignment > 1:
                 kw = {"alignment_threshold": chunk_n_bytes, "alignment_interval": alignment}
         h5file = _create_h5(path, **kw)
-        try:
+        with _laying_out(h5file, path):
             group = h5file.create_group(detector_name)
             group.create_dataset("data", shape=(0, *shape), maxshape=(None, *shape), chunks=(per_chunk, *shape),
                                  dtype=dtype, **_filter_options(compression))
@@ -233,11 +246,6 @@ class ImageFile:
                                  dtype=RAW_METADATA_DTYPE)
             group.attrs["compression"] = COMPRESSIONS[compression]
             h5file.swmr_mode = True
-        except BaseException as exc:
-            h5file.close()
-            if isinstance(exc, (OSError, RuntimeError, ValueError)):
-                raise StorageError(f"cannot create {path}: {_describe_os_error(exc, path)}") from None
-            raise
         return cls(h5file, path, detector_name, shape, dtype, compression, per_chunk, direct)
 
     # ------------------------------------------------------------------ writing
@@ -550,17 +558,12 @@ class MetadataFile:
         if detector_type not in DETECTOR_KIND:
             raise StorageError(f"detector type {detector_type!r} is not allowed (allowed: {', '.join(DETECTOR_KIND)})")
         h5file = _create_h5(path)
-        try:
+        with _laying_out(h5file, path):
             group = h5file.create_group(detector_name)
             group.create_dataset("metadata", shape=(0,), maxshape=(None,), chunks=(METADATA_CHUNK_ROWS,),
                                  dtype=metadata_dtype(detector_type))
             group.attrs["detector_type"] = detector_type
             h5file.swmr_mode = True
-        except BaseException as exc:
-            h5file.close()
-            if isinstance(exc, (OSError, RuntimeError, ValueError)):
-                raise StorageError(f"cannot create {path}: {_describe_os_error(exc, path)}") from None
-            raise
         return cls(h5file, path, detector_name, detector_type)
 
     @property
