@@ -31,9 +31,9 @@ def make_config(height: int, width: int, *, n_slots: int, detector_type: str = "
     return DetectorConfig.load(path), path
 
 
-def spawn(*argv: str) -> subprocess.Popen:
+def spawn(*argv: str, **popen: object) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), env_path()]) if env_path() else str(HERE))
-    return subprocess.Popen([sys.executable, *map(str, argv)], env=env)
+    return subprocess.Popen([sys.executable, *map(str, argv)], env=env, **popen)
 
 
 def env_path() -> str:
