@@ -19,7 +19,14 @@ from stddaq.formats.compression import bitshuffle_lz4_encode, blosc2_encode
 from stddaq.patterns import Noise, ramp
 from stddaq.protocol import GFImageMetadata, ImageMetadata
 from stddaq.storage import ImageFile, MetadataFile, write_master
-from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, _strided_runs, chunk_alignment, chunk_images
+from stddaq.storage.hdf5 import (
+    BITSHUFFLE_LZ4,
+    BLOSC2,
+    METADATA_CHUNK_ROWS,
+    _strided_runs,
+    chunk_alignment,
+    chunk_images,
+)
 
 SHAPE = (48, 32)
 DT = np.dtype("<u2")
@@ -62,6 +69,30 @@ def test_flush_shows_a_partly_filled_chunk_that_is_rewritten_when_full(tmp_path)
     data, meta = _read(path)
     assert [int(i) for i in meta["image_id"]] == list(range(6))
     assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(6))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_metadata_rows_across_metadata_chunks_with_flushes_between(tmp_path, compressed) -> None:
+    """Metadata chunks are kept in memory and rewritten whole while they fill: rows crossing a
+    chunk boundary, flushes at odd places, and a SWMR reader in between all see every row."""
+    path = tmp_path / "f.h5"
+    rows = METADATA_CHUNK_ROWS
+    n_images = 2 * rows + 77
+    flush_at = {5, rows - 1, rows, rows + 3, 2 * rows + 10}
+    kw = {"compression": BITSHUFFLE_LZ4} if compressed else {"gpfs_block_size": 7 * IMAGE_BYTES}
+    with ImageFile.create(path, "det", SHAPE, DT, **kw) as f:
+        for k in range(n_images):
+            pixels = ramp(k, SHAPE, DT)
+            f.append(1000 + k, 1 + k % 3, bitshuffle_lz4_encode(pixels) if compressed else pixels)
+            if k in flush_at:
+                f.flush()
+                with h5py.File(path, "r", swmr=True) as h:
+                    meta = h["det/metadata"][:]
+                assert [int(i) for i in meta["image_id"]] == [1000 + i for i in range(k + 1)]
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == [1000 + k for k in range(n_images)]
+    assert [int(s) for s in meta["status"]] == [1 + k % 3 for k in range(n_images)]
+    assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in (0, rows - 1, rows, n_images - 1))
 
 
 def test_raw_bytes_and_intact_guard(tmp_path) -> None:
