@@ -32,6 +32,7 @@ from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
 from stddaq.services.compress import (
     COMPRESSED,
     FORWARDED,
+    GIVEN_UP,
     LOST,
     TOO_BIG,
     Codec,
@@ -143,6 +144,20 @@ def test_compress_into_reports_a_source_overwritten_meanwhile(source_ring) -> No
 
     codec = Codec("blosc2", "blosc2", real.compression, overwritten_while_compressing)
     assert compress_into(codec, image, np.zeros(config.image_n_bytes, np.uint8)) == (LOST, 0)
+
+
+def test_an_image_about_to_be_overwritten_is_given_up_before_compressing(source_ring) -> None:
+    """A stage nearly a ring behind gives the image up (counted lost) instead of compressing it:
+    the work would most likely be thrown away and put the stage further behind."""
+    config, buffer = source_ring  # 4 slots
+    stage = Compressor(config, blosc2_codec(), threads=1)
+    assert stage.margin == 1
+    image = put(config, buffer, 5, ramp(5, config.shape, config.dtype))
+    buffer.begin_write(5 + config.n_slots - 2)  # the producer is 2 ahead: the slot lives 2 more images
+    assert not image.overtaken_within(stage.margin)
+    buffer.begin_write(5 + config.n_slots - 1)  # 3 ahead: the next image overwrites it
+    assert image.overtaken_within(stage.margin)
+    assert stage._process(image) == (GIVEN_UP, 0)  # decided before any output slot is touched
 
 
 def test_connect_wait_says_when_no_publisher_comes(make_config) -> None:

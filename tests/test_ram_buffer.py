@@ -59,6 +59,19 @@ def test_guard_sees_write_in_progress_and_overwrite() -> None:
         assert reader.holds(5) and not reader.holds(3)
 
 
+def test_overtaken_within_says_when_the_writer_is_nearly_a_ring_ahead() -> None:
+    layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=8)
+    with RamBuffer.create(layout) as owner, RamBuffer.attach(layout) as reader:
+        for image_id in range(10, 15):
+            owner.begin_write(image_id)
+            owner.end_write(image_id)
+        # the writer is at 14: image 10's slot is reused by 18, four images away
+        assert not reader.overtaken_within(10, 3) and reader.overtaken_within(10, 4)
+        owner.begin_write(15)  # begun is enough: the slot of 15 - 8 = 7 is being overwritten
+        assert reader.overtaken_within(10, 3) and not reader.overtaken_within(10, 2)
+        assert not reader.overtaken_within(14, 1)
+
+
 def test_attach_missing_names_object_and_creator() -> None:
     layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
     with pytest.raises(BufferMissingError, match=rf"/dev/shm/{layout.name} does not exist: start std_sim"):

@@ -275,6 +275,16 @@ class RamBuffer:
             return True
         return int(self.sequence[image_id % self.layout.n_slots]) == 2 * image_id + 2
 
+    def overtaken_within(self, image_id: int, margin: int) -> bool:
+        """True when the writer has already begun an image ``n_slots - margin`` or more ids after
+        ``image_id``: the slot of ``image_id`` is then overwritten within ``margin`` images, so a
+        reader that is this far behind should give the image up rather than start slow work on
+        it (work that would be thrown away makes it fall further behind). False unguarded."""
+        if self.sequence is None:
+            return False
+        ahead = image_id + self.layout.n_slots - margin
+        return int(self.sequence[ahead % self.layout.n_slots]) >= 2 * ahead + 1
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Unmap; the owner also unlinks both objects. Views handed out must be gone by now."""

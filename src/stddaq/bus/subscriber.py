@@ -57,6 +57,10 @@ class Image:
         """True if the slot still holds this image complete, so what was read of it is good."""
         return self._buffer.holds(self.metadata.image_id)
 
+    def overtaken_within(self, margin: int) -> bool:
+        """True if the slot is overwritten within ``margin`` images (``RamBuffer.overtaken_within``)."""
+        return self._buffer.overtaken_within(self.metadata.image_id, margin)
+
     def copy(self) -> np.ndarray:
         """A private copy of the pixels; raises if the slot changed during the copy."""
         out = self.data.copy()
@@ -218,9 +222,13 @@ class ImageSubscriber:
         """After using ``image``: True if it was not overwritten meanwhile; else counted lost."""
         if image.intact():
             return True
+        self.give_up(image)
+        return False
+
+    def give_up(self, image: Image) -> None:
+        """Count ``image`` (handed on by ``receive``) as lost: it was not, or will not be, used."""
         self.stats.add("lost")
         self.stats.processed_times -= 1
-        return False
 
     def _invalid(self, reason: str) -> None:
         self.stats.add("invalid")

@@ -18,6 +18,13 @@ batches of about 1 MiB, to N worker threads (the codecs release the GIL, see
 readers of the output see ids in source order. At most ``2 * N`` batches are in flight, fewer
 images than slots, and never two with the same output slot.
 
+Falling behind: an image whose source slot the producer will overwrite within ``margin`` images
+(it is already nearly a ring ahead) is given up before it is compressed, counted ``lost`` with a
+warning. Compressing it would most likely be wasted (the result is thrown away when the slot is
+overwritten meanwhile) and would put the stage further behind, so a stage fed a little faster
+than it can go lost most of its images; now it keeps compressing at its full rate and loses only
+the excess.
+
 Publishing: finished images are published in order in bursts, when no further source image is
 waiting (before the loop blocks), after about 1 MiB of images, and at the end of every loop
 slice and at close. Messages sent back to back cost libzmq's I/O thread one wake-up instead of
@@ -59,6 +66,7 @@ _NONE = int(ImageMetadataCompression.none)
 
 #: What ``compress_into`` did with one image.
 COMPRESSED, FORWARDED, TOO_BIG, LOST = "compressed", "forwarded", "too_big", "lost"
+GIVEN_UP = "given_up"  # not compressed: its source slot was about to be overwritten (counted lost)
 ERROR = "errors"  # an exception while compressing: counted, logged, image not published
 #: Images per hand-off to a worker thread: about this many bytes of images (at least one).
 BATCH_BYTES = 1 << 20
@@ -132,6 +140,10 @@ class Compressor(Service):
         # every in-flight image needs its own output slot, so fewer than n_slots of them
         self.max_in_flight = max(1, min(2 * threads * self.batch_images, config.n_slots - 1))
         self._in_flight = 0
+        #: give an image up when its slot is overwritten within this many images (module docstring):
+        #: an eighth of the ring, and at least the images the threads work on at once (a quarter of
+        #: the ring at most on tiny rings)
+        self.margin = max(1, config.n_slots // 8, min(2 * threads + 1, config.n_slots // 4))
         self.subscriber: ImageSubscriber | None = None
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -246,6 +258,8 @@ class Compressor(Service):
 
     def _process(self, image: Image) -> tuple[str, int | str]:
         """The work of one image, in a worker thread or inline: (outcome, bytes or error text)."""
+        if image.overtaken_within(self.margin):
+            return GIVEN_UP, 0
         try:
             return compress_into(self.codec, image, self.publisher.begin(image.image_id))
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
@@ -297,6 +311,12 @@ class Compressor(Service):
             return
         if outcome == LOST:
             self.subscriber.confirm(image)  # counts it lost
+            return
+        if outcome == GIVEN_UP:
+            self.subscriber.give_up(image)
+            counters.warn(GIVEN_UP, log, "image %d given up (counted as lost): the stage is nearly a ring behind "
+                          "its source, which overwrites that slot within %d images; the stage cannot keep up with "
+                          "this rate (more threads, or a lower rate)", image.image_id, self.margin)
             return
         if outcome == TOO_BIG:
             counters.add(TOO_BIG)
