@@ -141,9 +141,10 @@ class Compressor(Service):
         self.max_in_flight = max(1, min(2 * threads * self.batch_images, config.n_slots - 1))
         self._in_flight = 0
         #: give an image up when its slot is overwritten within this many images (module docstring):
-        #: an eighth of the ring, and at least the images the threads work on at once (a quarter of
-        #: the ring at most on tiny rings)
-        self.margin = max(1, config.n_slots // 8, min(2 * threads + 1, config.n_slots // 4))
+        #: one more than the threads compressing at once (while a thread compresses one image, a
+        #: producer about as fast writes about one per thread), a quarter of the ring at most on
+        #: tiny rings; on large rings 1/32 of the ring (the stage is hopelessly behind by then)
+        self.margin = max(1, min(threads + 1, config.n_slots // 4), config.n_slots // 32)
         self.subscriber: ImageSubscriber | None = None
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
