@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps")
 _NONE = int(ImageMetadataCompression.none)
 _RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class Image:
@@ -188,13 +189,16 @@ class ImageSubscriber:
         """
         sock = self.socket
         rcvtimeo = -1 if timeout is None else max(0, int(timeout * 1000))
-        if rcvtimeo != self._rcvtimeo:
+        flags = 0
+        if rcvtimeo == 0:
+            flags = _NOBLOCK  # RCVTIMEO stays: consumers alternate receive(0) and a blocking receive
+        elif rcvtimeo != self._rcvtimeo:
             sock.setsockopt(zmq.RCVTIMEO, rcvtimeo)
             self._rcvtimeo = rcvtimeo
         deadline = None
         while True:
             try:
-                frame = sock.recv()
+                frame = sock.recv(flags)
             except zmq.Again:
                 return None
             if sock.getsockopt(_RCVMORE):
