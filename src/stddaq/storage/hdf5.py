@@ -208,6 +208,7 @@ class ImageFile:
         # Borrowed run (zero copy): the images of the chunk being filled, not copied, while they sit
         # one after the other in one buffer (a run of RAM buffer slots): (view, id, status, intact).
         self._borrowed: list[tuple[np.ndarray, int, int, Callable[[], bool]]] = []
+        self._next_address = 0  # where the next image of the borrowed run must start
         #: called with (image_id, reason) for an image append() accepted and that was dropped later
         #: (its borrowed slot was overwritten before its chunk was written); logged if None
         self.on_dropped: Callable[[int, str], None] | None = None
@@ -295,14 +296,15 @@ class ImageFile:
                 and data.flags.c_contiguous and data.base is not None):
             return False
         run = self._borrowed
+        address = data.ctypes.data  # about 2 us: taken once per image, the next one is remembered
         if run:
-            first = run[0][0]
-            if data.base is not first.base or data.ctypes.data != first.ctypes.data + len(run) * self._image_n_bytes:
+            if data.base is not run[0][0].base or address != self._next_address:
                 return False
         elif self._in_chunk:
             return False  # the chunk has copied images already: it stays a copied chunk
         if not intact():
             return False  # the copy path reports it as overwritten
+        self._next_address = address + self._image_n_bytes
         run.append((data, image_id, status, intact))
         self._add_row(image_id, status)
         self._in_chunk += 1
