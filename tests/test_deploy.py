@@ -5,13 +5,19 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
+import pytest
 from conftest import wait_until
 
 from stddaq.bus import ImageSubscriber
-from stddaq.deploy import ServiceSpec, Supervisor, plan
+from stddaq.deploy import ServiceSpec, Supervisor, check_ports_free, listening_ports, plan
+from stddaq.errors import UsageError
 
 
 def _run(supervisor: Supervisor, duration: float | None = None) -> threading.Thread:
@@ -62,3 +68,48 @@ def test_stop_terminates_children_that_ignore_sigterm() -> None:
     thread.join(timeout=15)
     assert not thread.is_alive()
     assert supervisor.children[0].process.poll() is not None
+
+
+def _listener(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def test_up_refuses_a_busy_live_stream_port_before_starting_anything(make_config) -> None:
+    busy, port = _listener()
+    try:
+        _, path = make_config(number_of_writers=0,
+                              live_stream_configs={f"tcp://127.0.0.1:{port}": {"type": "forward"}})
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert out.returncode == 2
+    assert time.monotonic() - started < 15  # refused at once, not after a crash loop
+    assert f"std_live_stream tcp://127.0.0.1:{port} cannot listen on 127.0.0.1:{port}: the port is in use" \
+        in out.stderr
+    assert "live_stream_configs" in out.stderr and "[std_sim]" not in out.stdout  # nothing was started
+
+
+def test_up_driver_port_option_and_a_busy_driver_port(make_config) -> None:
+    config, _ = make_config(number_of_writers=1, live_stream_configs={"tcp://*:9100": {"type": "forward"}})
+    ports = listening_ports(config, driver_port=8123)
+    assert ports == [("std_live_stream tcp://*:9100", "0.0.0.0", 9100), ("std_det_driver (websocket)", "0.0.0.0", 8123)]
+    assert any(spec.argv[-2:] == ["-p", "8123"] for spec in plan(config, Path("x.json"), driver_port=8123))
+    busy, port = _listener("0.0.0.0")
+    try:
+        with pytest.raises(UsageError, match=rf"std_det_driver \(websocket\) cannot listen on 0.0.0.0:{port}: "
+                                             "the port is in use .*--driver-port"):
+            check_ports_free([("std_det_driver (websocket)", "0.0.0.0", port)])
+    finally:
+        busy.close()
+    check_ports_free([("std_det_driver (websocket)", "0.0.0.0", port)])  # free again: no error
+
+
+def test_up_rejects_a_driver_port_out_of_range() -> None:
+    out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", "--driver-port", "70000", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "70000 is not allowed: must be a TCP port 0..65535" in out.stderr

@@ -44,7 +44,8 @@ def free_port() -> int:
 class Session:
     """A websocket client that keeps the transcript of everything the driver pushed."""
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        """Connects, retrying while the driver process starts (slow on a loaded 2-core machine)."""
         from websockets.sync.client import connect
 
         deadline = time.monotonic() + timeout
@@ -422,7 +423,9 @@ def test_stddaq_record_end_to_end(deployment, service) -> None:
 
 
 def test_stddaq_record_without_driver_fails_in_one_line(tmp_path) -> None:
-    proc = _record(f"ws://127.0.0.1:{free_port()}", tmp_path, "--n-images", "10")
-    _, err = proc.communicate(timeout=30)
+    with socket.socket() as held:  # bound, never listening: refuses connections, and no other process takes it
+        held.bind(("127.0.0.1", 0))
+        proc = _record(f"ws://127.0.0.1:{held.getsockname()[1]}", tmp_path, "--n-images", "10")
+        _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert "cannot connect to the driver" in err and len(err.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from stddaq import __version__
 from stddaq.config import DetectorConfig
 from stddaq.errors import StddaqError
-from stddaq.services.base import positive_int
+from stddaq.services.base import port_number, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the deployment a config describes (no config: the built-in demo)")
     up.add_argument("config", nargs="?", default=None, help="detector config JSON (default: built-in demo)")
     up.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    up.add_argument("--driver-port", type=port_number, default=8080,
+                    help="TCP port of the writer driver's websocket (default: 8080, as upstream)")
 
     config = sub.add_parser("config", help="detector config tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             from stddaq.deploy import up
-            return up(args.config, args.duration)
+            return up(args.config, args.duration, args.driver_port)
         if args.command == "watch":
             from stddaq.client.stream import watch
             try:

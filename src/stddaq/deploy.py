@@ -8,9 +8,11 @@ that has not ended after a grace period.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 
 from stddaq.config import DetectorConfig
+from stddaq.errors import UsageError
 
 log = logging.getLogger("stddaq.up")
 
@@ -54,7 +57,38 @@ class _Child:
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> list[ServiceSpec]:
+def listening_ports(config: DetectorConfig, driver_port: int = DRIVER_PORT) -> list[tuple[str, str, int]]:
+    """(service, host, port) of every TCP port the deployment of ``config`` listens on."""
+    ports = []
+    for address in config.live_stream_configs:
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        if address.startswith("tcp://") and port.isdigit():
+            ports.append((f"std_live_stream {address}", "0.0.0.0" if host in ("*", "") else host.strip("[]"),
+                          int(port)))
+    if config.number_of_writers > 0:
+        ports.append(("std_det_driver (websocket)", "0.0.0.0", driver_port))
+    return ports
+
+
+def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
+    """UsageError naming the first port a service could not listen on (and what to do), before
+    anything starts: otherwise that service crash-loops until the supervisor gives up."""
+    for service, host, port in ports:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as zmq and websockets bind
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    hint = ("stop what listens there or pass another one with --driver-port" if "driver" in service
+                            else "stop what listens there or change the address in live_stream_configs")
+                    raise UsageError(f"{service} cannot listen on {host}:{port}: the port is in use ({hint})") from None
+                raise UsageError(f"{service} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False,
+         driver_port: int = DRIVER_PORT) -> list[ServiceSpec]:
     """The services a config asks for, in start order (producers of a channel first)."""
     py = [sys.executable, "-m"]
     path = str(config_path)
@@ -74,7 +108,7 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False) -> li
                   for i in range(config.number_of_writers)]
         specs.append(ServiceSpec("std_det_writer-meta", py + ["stddaq.services.writer", path, "meta"]))
         specs.append(ServiceSpec("std_det_driver", py + ["stddaq.services.driver", path, "-m",
-                                                         "-p", str(DRIVER_PORT)]))
+                                                         "-p", str(driver_port)]))
     return specs
 
 
@@ -170,7 +204,7 @@ class Supervisor:
                 thread.join(timeout=2)
 
 
-def up(config_path: str | None, duration: float | None = None) -> int:
+def up(config_path: str | None, duration: float | None = None, driver_port: int = DRIVER_PORT) -> int:
     """Entry of `stddaq up`: with no path, the built-in demo configuration."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="stddaq-up-") as tmp:
@@ -182,7 +216,8 @@ def up(config_path: str | None, duration: float | None = None) -> int:
         else:
             path = Path(config_path)
         config = DetectorConfig.load(path)
-        supervisor = Supervisor(plan(config, path, demo=demo))
+        check_ports_free(listening_ports(config, driver_port))
+        supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port))
 
         def _on_signal(signum: int, _frame: object) -> None:
             supervisor.stop()

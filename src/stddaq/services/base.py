@@ -162,6 +162,8 @@ def _number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Calla
 
 positive_int = _number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
 non_negative_int = _number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
+port_number = _number_type(int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
+                           "port_number")
 non_negative_float = _number_type(float, "a number", ">= 0", lambda v: v >= 0, "non_negative_float")
 
 

@@ -40,7 +40,13 @@ from stddaq.bus.subscriber import ImageSubscriber
 from stddaq.config import DetectorConfig
 from stddaq.errors import BusError, UsageError
 from stddaq.protocol import ResponseCode, WriterAction, WriterResponse
-from stddaq.services.base import ArgumentParser, Service, non_negative_float, non_negative_int, service_main
+from stddaq.services.base import (
+    ArgumentParser,
+    Service,
+    non_negative_float,
+    port_number,
+    service_main,
+)
 from stddaq.services.driver_control import (
     BUSY,
     CommandError,
@@ -610,7 +616,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Drive the HDF5 writers: start/stop recordings over a websocket.")
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("-s", "--source_suffix", default="image", help="channel suffix to record (default: image)")
-    parser.add_argument("-p", "--port", type=non_negative_int, default=8080,
+    parser.add_argument("-p", "--port", type=port_number, default=8080,
                         help="websocket port (default: 8080; 0 = any free port, logged)")
     parser.add_argument("--host", default="0.0.0.0", help="interface of the websocket (default: all)")
     parser.add_argument("-m", "--metadata", action="store_true",
