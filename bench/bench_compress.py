@@ -22,7 +22,7 @@ Two library figures are measured in every run:
 
 Method: an end-to-end figure is the highest source rate the consumer *sustains*. The simulator
 is fed at a fixed fraction of the library-alone rate (first the goal, 0.9x, then a bisection
-between 0.2x and 1.3x); a trial passes when every image comes out (no id missing, none lost)
+between 0.2x and 1.3x; the stage's and the baseline's trials alternate); a trial passes when every image comes out (no id missing, none lost)
 and the output rate keeps up with the rate asked of the source (>= 97% of it). A consumer that
 only fell behind by less than a ring's worth would otherwise look fine, and a source fed faster
 than the stage makes the stage waste work on slots that get overwritten, which measures the
@@ -305,20 +305,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sustained_trials(trial, codec: str, height: int, width: int, n_slots: int, threads: int,
-                     base: float) -> list[Trial]:
-    """``trial`` at fractions of the library-alone rate ``base``: the goal (0.9x) first, then bisection."""
-    trials = []
-    low, high, fraction = LOWEST, 1.3, GOAL
+def sustained_trials(trials: dict, codec: str, height: int, width: int, n_slots: int, threads: int,
+                     base: float) -> dict[str, list[Trial]]:
+    """Each of ``trials`` (name -> trial function) at fractions of the library-alone rate ``base``:
+    the goal (0.9x) first, then a bisection each. Their trials alternate, so that the slow
+    drifts of a shared machine hit the stage and its baseline alike."""
+    results: dict[str, list[Trial]] = {name: [] for name in trials}
+    brackets = {name: [LOWEST, 1.3, GOAL] for name in trials}  # low, high, next fraction
     for _ in range(N_TRIALS):
-        result = trial(codec, height, width, n_slots, threads, fraction * base)
-        trials.append(result)
-        if result.sustained:
-            low = fraction
-        else:
-            high = fraction
-        fraction = (low + high) / 2
-    return trials
+        for name, trial in trials.items():
+            low, high, fraction = brackets[name]
+            result = trial(codec, height, width, n_slots, threads, fraction * base)
+            results[name].append(result)
+            if result.sustained:
+                low = fraction
+            else:
+                high = fraction
+            brackets[name] = [low, high, (low + high) / 2]
+    return results
 
 
 def best_rate(trials: list[Trial]) -> Trial | None:
@@ -341,8 +345,8 @@ def bench(codec: str, height: int, width: int, n_slots: int) -> None:
     rates, raw_rates, bases = {}, {}, {}
     for threads in THREADS:
         base = bases[threads] = max(library_rate(codec, images, threads) for _ in range(REPEATS))
-        raw_trials = sustained_trials(raw_trial, codec, height, width, n_slots, threads, base)
-        trials = sustained_trials(stage_trial, codec, height, width, n_slots, threads, base)
+        both = sustained_trials({"raw": raw_trial, "stage": stage_trial}, codec, height, width, n_slots, threads, base)
+        raw_trials, trials = both["raw"], both["stage"]
         best, raw_best = best_rate(trials), best_rate(raw_trials)
         rate = rates[threads] = best.asked if best else 0.0
         raw_rate = raw_rates[threads] = raw_best.asked if raw_best else 0.0
