@@ -152,12 +152,44 @@ def test_an_image_about_to_be_overwritten_is_given_up_before_compressing(source_
     config, buffer = source_ring  # 4 slots
     stage = Compressor(config, blosc2_codec(), threads=1)
     assert stage.margin == 1
+    stage.subscriber = ImageSubscriber(config)  # not connected: its bookkeeping is what is used here
     image = put(config, buffer, 5, ramp(5, config.shape, config.dtype))
     buffer.begin_write(5 + config.n_slots - 2)  # the producer is 2 ahead: the slot lives 2 more images
-    assert not image.overtaken_within(stage.margin)
+    assert not stage.subscriber.overtaken_within(image, stage.margin)
     buffer.begin_write(5 + config.n_slots - 1)  # 3 ahead: the next image overwrites it
-    assert image.overtaken_within(stage.margin)
+    assert stage.subscriber.overtaken_within(image, stage.margin)
     assert stage._process(image) == (GIVEN_UP, 0)  # decided before any output slot is touched
+
+
+def test_ids_left_by_an_earlier_run_are_not_taken_for_a_producer_far_ahead(make_config, service) -> None:
+    """A producer whose ids go back in the same buffer (a new acquisition) leaves higher ids of
+    the run before in the guard; a stage must not give the new run's images up for them."""
+    config, _ = make_config(image_pixel_height=40, image_pixel_width=56, ram_buffer_slots=8)
+    with ImagePublisher(config) as publisher, ImageSubscriber(config) as subscriber:
+        publisher.wait_for_subscribers(1, timeout=10)
+        pixels = np.zeros(config.shape, config.dtype)
+        metadata = image_metadata(config)
+        for image_id in [*range(100, 120), *range(0, 3)]:  # a run up to 119, then a new one from 0
+            metadata.image_id = image_id
+            publisher.publish_image(metadata, pixels)
+        seen = []
+        while (image := subscriber.receive(timeout=2)) is not None:
+            seen.append(image.image_id)
+            if image.image_id == 0:  # slot 7 (of id 7 = 0 + 8 - 1) holds 119 from the run before
+                assert int(publisher.buffer.sequence[7]) == 2 * 119 + 2
+                assert not subscriber.overtaken_within(image, margin=1)
+            if image.image_id == 2:
+                break
+        assert seen[-3:] == [0, 1, 2]
+        assert subscriber._newest_stale == 119
+        for image_id in range(3, 8):  # the new run goes on: once past 119 - 8 + 1 the check is live again
+            metadata.image_id = image_id
+            publisher.publish_image(metadata, pixels)
+        for image_id in range(120, 126):
+            metadata.image_id = image_id
+            publisher.publish_image(metadata, pixels)
+        assert publisher.buffer.overtaken_within(113, 1, newest_stale=119)  # 113 + 7 = 120 is written
+        assert not publisher.buffer.overtaken_within(112, 1, newest_stale=119)  # 119 might be a leftover
 
 
 def test_connect_wait_says_when_no_publisher_comes(make_config) -> None:

@@ -275,15 +275,28 @@ class RamBuffer:
             return True
         return int(self.sequence[image_id % self.layout.n_slots]) == 2 * image_id + 2
 
-    def overtaken_within(self, image_id: int, margin: int) -> bool:
+    def overtaken_within(self, image_id: int, margin: int, newest_stale: int = -1) -> bool:
         """True when the writer has already begun an image ``n_slots - margin`` or more ids after
         ``image_id``: the slot of ``image_id`` is then overwritten within ``margin`` images, so a
         reader that is this far behind should give the image up rather than start slow work on
-        it (work that would be thrown away makes it fall further behind). False unguarded."""
+        it (work that would be thrown away makes it fall further behind). False unguarded.
+
+        The guard holds ids, not runs: after the writer's ids went back (a new acquisition into
+        the same buffer), slots still hold higher ids of the run before, which would look like a
+        writer far ahead. ``newest_stale`` is the highest id that may be such a leftover (see
+        ``newest_id``): ids up to it prove nothing, and then this says False."""
         if self.sequence is None:
             return False
         ahead = image_id + self.layout.n_slots - margin
+        if ahead <= newest_stale:
+            return False
         return int(self.sequence[ahead % self.layout.n_slots]) >= 2 * ahead + 1
+
+    def newest_id(self) -> int:
+        """The highest image id whose writing has begun in any slot (-1: none, or unguarded)."""
+        if self.sequence is None:
+            return -1
+        return (int(self.sequence.max()) - 1) // 2
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

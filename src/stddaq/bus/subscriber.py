@@ -58,9 +58,6 @@ class Image:
         """True if the slot still holds this image complete, so what was read of it is good."""
         return self._buffer.holds(self.metadata.image_id)
 
-    def overtaken_within(self, margin: int) -> bool:
-        """True if the slot is overwritten within ``margin`` images (``RamBuffer.overtaken_within``)."""
-        return self._buffer.overtaken_within(self.metadata.image_id, margin)
 
     def copy(self) -> np.ndarray:
         """A private copy of the pixels; raises if the slot changed during the copy."""
@@ -92,6 +89,7 @@ class ImageSubscriber:
         self.stats.declare(*SUBSCRIBER_COUNTERS)
         self.last_error: str | None = None
         self._last_id: int | None = None
+        self._newest_stale = -1  # see overtaken_within
         self._slot = self.layout.slot_n_bytes
 
     # ------------------------------------------------------------------ lifetime
@@ -142,6 +140,7 @@ class ImageSubscriber:
             self.buffer = None
         self.buffer = RamBuffer.attach(self.layout, created_by=self.created_by)
         self._buffer_inode = _inode(self.layout.name)
+        self._newest_stale = self.buffer.newest_id()
         return self.buffer
 
     def _replaced(self, force: bool = False) -> bool:
@@ -229,6 +228,13 @@ class ImageSubscriber:
         self.give_up(image)
         return False
 
+    def overtaken_within(self, image: Image, margin: int) -> bool:
+        """True if ``image``'s slot is overwritten within ``margin`` images
+        (``RamBuffer.overtaken_within``; ids left in the buffer by an earlier run are not taken
+        for a writer far ahead: the highest id in the buffer is noted whenever this reader maps
+        it and whenever ids go back)."""
+        return image._buffer.overtaken_within(image.metadata.image_id, margin, self._newest_stale)
+
     def give_up(self, image: Image) -> None:
         """Count ``image`` (handed on by ``receive``) as lost: it was not, or will not be, used."""
         self.stats.add("lost")
@@ -273,8 +279,11 @@ class ImageSubscriber:
         last = self._last_id
         if last is not None and image_id != last + 1:
             if image_id <= last:
+                previous = buffer
                 self._replaced(force=True)  # ids went back: a new run, maybe a new buffer
                 buffer = self.buffer
+                if buffer is previous:  # the same buffer: it still holds what the run before left
+                    self._newest_stale = max(last, buffer.newest_id())
             else:
                 self.stats.add("gaps", image_id - last - 1)
         self._last_id = image_id

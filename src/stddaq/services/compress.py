@@ -259,7 +259,7 @@ class Compressor(Service):
 
     def _process(self, image: Image) -> tuple[str, int | str]:
         """The work of one image, in a worker thread or inline: (outcome, bytes or error text)."""
-        if image.overtaken_within(self.margin):
+        if self.subscriber.overtaken_within(image, self.margin):
             return GIVEN_UP, 0
         try:
             return compress_into(self.codec, image, self.publisher.begin(image.image_id))
