@@ -11,8 +11,11 @@ Two library figures are measured in every run:
 - **library fed by the same source** (the goal's baseline): ``python bench_compress.py raw ...``,
   a minimal consumer of the very same stream. Each of its THREADS threads has its own raw pyzmq
   SUB on ``<det>-image``, parses the metadata, and calls the library (``blosc2.compress2`` /
-  ``bitshuffle.compress_lz4``, the stage's parameters) on the ring slot of every THREADS-th image:
-  no hand-off, no output ring, no publishing, no counters. It runs beside the same simulator at
+  ``bitshuffle.compress_lz4``, the stage's parameters) on the ring slot of every THREADS-th image
+  and checks the slot's guard after it (an overwritten image is not done, as for the stage):
+  no hand-off, no output ring, no publishing, no counters. With -t 2 each thread receives and
+  parses every message (twice the stage's receiving work: the ratio errs in the stage's favour
+  there by a few microseconds per image). It runs beside the same simulator at
   the same rates as the stage, so both pay the same source (its CPU and memory traffic, its
   ZeroMQ wake-ups): the ratio is what the service itself adds.
 - **library alone** (context): THREADS threads compressing the same images from private
@@ -47,7 +50,8 @@ import zmq
 from common import Timer, make_config, report, spawn
 
 from stddaq.bus import ImageSubscriber
-from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
+from stddaq.bus.publisher import METADATA_HWM
+from stddaq.bus.ram_buffer import GUARD_SUFFIX, BufferLayout, RamBuffer
 from stddaq.errors import BusError
 from stddaq.formats.compression import default_block_elements, single_threaded_openmp
 from stddaq.patterns import Noise
@@ -127,6 +131,7 @@ def raw_consumer(codec: str, config_path: str, threads: int, n_images: int) -> N
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.setsockopt(zmq.RCVHWM, METADATA_HWM)  # as the stage's subscriber
         sock.connect(config.ipc_address("image"))
         sockets.append(sock)
     n_timed = n_images - layout.n_slots
@@ -147,9 +152,11 @@ def raw_consumer(codec: str, config_path: str, threads: int, n_images: int) -> N
             if image_id % threads == index:
                 if ring is None:  # the buffer exists once its first image was published
                     ring = np.memmap(f"/dev/shm/{layout.name}", np.uint8, "r", shape=(layout.n_slots * layout.slot_n_bytes,))
+                    guard = np.memmap(f"/dev/shm/{layout.name}{GUARD_SUFFIX}", np.uint64, "r", shape=(layout.n_slots,))
                 offset = layout.offset(image_id)
                 library_call(codec, ring[offset:offset + config.image_n_bytes].view(dtype).reshape(shape))()
-                if image_id >= layout.n_slots:
+                # as the stage: an image whose slot was overwritten meanwhile does not count as done
+                if image_id >= layout.n_slots and int(guard[layout.slot(image_id)]) == 2 * image_id + 2:
                     done += 1
                     last = time.perf_counter()
                     if first is None:

@@ -212,7 +212,7 @@ def bench(height: int, width: int, n_images: int, directory: Path) -> None:
         print("  every run, GB/s: " + "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in runs.items()),
               flush=True)
         paired = {k: float(np.median(np.array(v) / np.array(runs["raw"]))) for k, v in runs.items() if k != "raw"}
-        print("  median of the ratios run by run (each against the raw write just before it): "
+        print("  median of the ratios run by run (each against the raw write of the same repeat): "
               + ", ".join(f"{k} {r:.2f}" for k, r in paired.items()), flush=True)
     shutil.rmtree(config_path.parent, ignore_errors=True)
 

@@ -181,15 +181,28 @@ def test_ids_left_by_an_earlier_run_are_not_taken_for_a_producer_far_ahead(make_
             if image.image_id == 2:
                 break
         assert seen[-3:] == [0, 1, 2]
-        assert subscriber._newest_stale == 119
-        for image_id in range(3, 8):  # the new run goes on: once past 119 - 8 + 1 the check is live again
+        assert subscriber._newest_stale == 0 + config.n_slots - 1  # leftovers possible until the ring is filled once
+        for image_id in range(3, 12):  # the new run fills the ring once and goes on
             metadata.image_id = image_id
             publisher.publish_image(metadata, pixels)
-        for image_id in range(120, 126):
-            metadata.image_id = image_id
-            publisher.publish_image(metadata, pixels)
-        assert publisher.buffer.overtaken_within(113, 1, newest_stale=119)  # 113 + 7 = 120 is written
-        assert not publisher.buffer.overtaken_within(112, 1, newest_stale=119)  # 119 might be a leftover
+        images = {}
+        while (image := subscriber.receive(timeout=2)) is not None:
+            images[image.image_id] = image
+            if image.image_id == 11:
+                break
+        # producer at 11: image 4's slot (reused by 12) is overwritten within 1 image; image 3 is gone already
+        assert subscriber.overtaken_within(images[4], margin=1) and not subscriber.overtaken_within(images[4], 0)
+        assert not subscriber.overtaken_within(images[5], margin=1)
+
+
+def test_a_one_slot_ring_gives_nothing_up(make_config) -> None:
+    config, _ = make_config(image_pixel_height=40, image_pixel_width=56, ram_buffer_slots=1)
+    stage = Compressor(config, blosc2_codec(), threads=2)
+    assert stage.margin == 0
+    with RamBuffer.create(BufferLayout.of(config, "image")) as buffer:
+        stage.subscriber = ImageSubscriber(config)  # not connected: its bookkeeping is what is used here
+        image = put(config, buffer, 7, ramp(7, config.shape, config.dtype))
+        assert not stage.subscriber.overtaken_within(image, stage.margin)
 
 
 def test_connect_wait_says_when_no_publisher_comes(make_config) -> None:

@@ -107,6 +107,12 @@ def test_up_driver_port_option_and_a_busy_driver_port(make_config) -> None:
     finally:
         busy.close()
     check_ports_free([("std_det_driver (websocket)", "0.0.0.0", port)])  # free again: no error
+    with pytest.raises(UsageError, match=rf"std_det_driver \(websocket\) and std_live_stream tcp://\*:{port} both "
+                                         f"want port {port}"):
+        check_ports_free(listening_ports(
+            make_config(number_of_writers=1, live_stream_configs={f"tcp://*:{port}": {"type": "forward"}})[0],
+            driver_port=port))
+    check_ports_free([("std_live_stream tcp://no-such-host.invalid:9100", "no-such-host.invalid", 9100)])  # unchecked
 
 
 def test_up_rejects_a_driver_port_out_of_range() -> None:

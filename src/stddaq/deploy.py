@@ -70,15 +70,28 @@ def listening_ports(config: DetectorConfig, driver_port: int = DRIVER_PORT) -> l
     return ports
 
 
+_ANY = ("0.0.0.0", "::")
+
+
 def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
     """UsageError naming the first port a service could not listen on (and what to do), before
-    anything starts: otherwise that service crash-loops until the supervisor gives up."""
-    for service, host, port in ports:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+    anything starts: otherwise that service crash-loops until the supervisor gives up. Two
+    services wanting the same port are named too. A host this machine does not resolve (zmq
+    also binds interface names, e.g. ``tcp://eth0:9100``) is not checked: the service says."""
+    for index, (service, host, port) in enumerate(ports):
+        for other, other_host, other_port in ports[:index]:
+            if port == other_port and port != 0 and (host == other_host or host in _ANY or other_host in _ANY):
+                raise UsageError(f"{service} and {other} both want port {port} ({other_host} and {host})")
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE)[0]
+        except socket.gaierror as exc:
+            log.warning("%s: cannot check %s:%d before starting (%s)", service, host, port, exc.strerror)
+            continue
+        with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as zmq and websockets bind
             try:
-                probe.bind((host, port))
+                probe.bind(address)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     hint = ("stop what listens there or pass another one with --driver-port" if "driver" in service

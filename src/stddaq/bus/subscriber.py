@@ -230,9 +230,10 @@ class ImageSubscriber:
 
     def overtaken_within(self, image: Image, margin: int) -> bool:
         """True if ``image``'s slot is overwritten within ``margin`` images
-        (``RamBuffer.overtaken_within``; ids left in the buffer by an earlier run are not taken
-        for a writer far ahead: the highest id in the buffer is noted whenever this reader maps
-        it and whenever ids go back)."""
+        (``RamBuffer.overtaken_within``). Ids left in the buffer by an earlier run are not taken
+        for a writer far ahead: when this reader maps the buffer, ids up to the highest one in it
+        prove nothing; when ids go back in the same buffer, ids below the new run's first plus
+        the ring's size prove nothing (after that many images every slot holds the new run)."""
         return image._buffer.overtaken_within(image.metadata.image_id, margin, self._newest_stale)
 
     def give_up(self, image: Image) -> None:
@@ -282,8 +283,9 @@ class ImageSubscriber:
                 previous = buffer
                 self._replaced(force=True)  # ids went back: a new run, maybe a new buffer
                 buffer = self.buffer
-                if buffer is previous:  # the same buffer: it still holds what the run before left
-                    self._newest_stale = max(last, buffer.newest_id())
+                if buffer is previous:  # the same buffer: until the new run has filled every slot
+                    # once (ids are consecutive), a slot may still hold a higher id of the run before
+                    self._newest_stale = image_id + self.layout.n_slots - 1
             else:
                 self.stats.add("gaps", image_id - last - 1)
         self._last_id = image_id

@@ -143,8 +143,9 @@ class Compressor(Service):
         #: give an image up when its slot is overwritten within this many images (module docstring):
         #: one more than the threads compressing at once (while a thread compresses one image, a
         #: producer about as fast writes about one per thread), a quarter of the ring at most on
-        #: tiny rings; on large rings 1/32 of the ring (the stage is hopelessly behind by then)
-        self.margin = max(1, min(threads + 1, config.n_slots // 4), config.n_slots // 32)
+        #: tiny rings; on large rings 1/32 of the ring (the stage is hopelessly behind by then).
+        #: Below n_slots: on a 1-slot ring it is 0, and only an image already being overwritten is given up.
+        self.margin = min(config.n_slots - 1, max(1, min(threads + 1, config.n_slots // 4), config.n_slots // 32))
         self.subscriber: ImageSubscriber | None = None
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
