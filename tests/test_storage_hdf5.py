@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -383,3 +384,34 @@ def test_create_on_a_full_disk_is_refused(tmp_path) -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "disk full" in out and "f.h5" in out, out
+
+
+def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -> None:
+    """The data chunk is on disk but its metadata rows cannot be written: those images are
+    reported lost and trimmed at close, so every image in the file keeps its metadata row."""
+    path = tmp_path / "f.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
+    real = f._metadata
+
+    class FailingWrites:  # the real dataset, but its chunk writes fail from now on (disk full)
+        shape = property(lambda self: real.shape)
+        resize = staticmethod(real.resize)
+
+        class id:  # noqa: N801 - h5py's attribute name
+            @staticmethod
+            def write_direct_chunk(*args) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    for image_id in range(4):
+        f.append(image_id, 1, ramp(image_id, SHAPE, DT))  # one whole chunk: data and rows on disk
+    f._metadata = FailingWrites()
+    for image_id in range(4, 7):
+        f.append(image_id, 1, ramp(image_id, SHAPE, DT))
+    with pytest.raises(WriteFailed) as failed:
+        f.append(7, 1, ramp(7, SHAPE, DT))  # fills the chunk: its data is written, its rows are not
+    assert failed.value.image_ids == (4, 5, 6, 7)
+    f._metadata = real
+    f.close()
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == [0, 1, 2, 3] and data.shape[0] == 4
+    assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(4))

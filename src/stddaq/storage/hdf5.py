@@ -396,7 +396,10 @@ class ImageFile:
             self._fail(exc, index)
         self._written = index + 1
         if self._n_rows >= METADATA_CHUNK_ROWS:
-            self._write_rows()
+            try:
+                self._write_rows()
+            except (OSError, RuntimeError) as exc:
+                self._fail(exc, self._written)
         return True
 
     def _add_row(self, image_id: int, status: int) -> None:
@@ -437,17 +440,24 @@ class ImageFile:
         if not n:
             return
         start = self._metadata.shape[0]
-        self._metadata.resize(start + n, axis=0)
         rows, chunk, write = self._rows, self._metadata_chunk, self._metadata.id.write_direct_chunk
-        done = 0
-        while done < n:
-            first, offset = divmod(start + done, METADATA_CHUNK_ROWS)
-            take = min(n - done, METADATA_CHUNK_ROWS - offset)
-            chunk[offset:offset + take] = rows[done:done + take]
-            write((first * METADATA_CHUNK_ROWS,), chunk)
-            if offset + take == METADATA_CHUNK_ROWS:
-                chunk[:] = 0  # the next chunk starts empty
-            done += take
+        try:
+            self._metadata.resize(start + n, axis=0)
+            done = 0
+            while done < n:
+                first, offset = divmod(start + done, METADATA_CHUNK_ROWS)
+                take = min(n - done, METADATA_CHUNK_ROWS - offset)
+                chunk[offset:offset + take] = rows[done:done + take]
+                write((first * METADATA_CHUNK_ROWS,), chunk)
+                if offset + take == METADATA_CHUNK_ROWS:
+                    chunk[:] = 0  # the next chunk starts empty
+                done += take
+        except (OSError, RuntimeError):
+            # the images of these rows are not kept either: no image without its metadata row
+            with contextlib.suppress(OSError, RuntimeError):
+                self._metadata.resize(start, axis=0)
+            self._written = min(self._written, start)
+            raise
         self._n_rows = 0
 
     def _fail(self, exc: BaseException, first_lost: int) -> None:
