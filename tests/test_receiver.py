@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -94,8 +95,16 @@ def test_push_stream_with_bad_messages_only_good_ones_written(make_config, strea
         with running(receiver), ImageSubscriber(config, ctx=ctx) as subscriber:
             # the receiver's metadata PUB drops what is sent before our SUB is connected: probe first
             probe = 1000
-            assert wait_until(lambda: (push.send_multipart(message(probe), zmq.NOBLOCK) or True)
-                              and subscriber.receive(timeout=0.2) is not None, timeout=10)
+
+            def probed() -> bool:
+                try:
+                    push.send_multipart(message(probe), zmq.NOBLOCK)
+                except zmq.Again:  # none of the receiver's connections is up yet
+                    time.sleep(0.05)
+                    return False
+                return subscriber.receive(timeout=0.2) is not None
+
+            assert wait_until(probed, timeout=10)
             sent = [10, 11, 13, 14]
             push.send_multipart(message(10))
             push.send_multipart(message(11))
