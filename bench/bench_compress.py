@@ -52,7 +52,6 @@ from common import Timer, make_config, report, spawn
 from stddaq.bus import ImageSubscriber
 from stddaq.bus.publisher import METADATA_HWM
 from stddaq.bus.ram_buffer import GUARD_SUFFIX, BufferLayout, RamBuffer
-from stddaq.errors import BusError
 from stddaq.formats.compression import default_block_elements, single_threaded_openmp
 from stddaq.patterns import Noise
 
@@ -210,17 +209,8 @@ def _populated(config, suffix: str, timeout: float = 30) -> RamBuffer:
     seconds: the consumer starts the timed passes that far behind, and what it then loses
     measures the VM, not the consumer. The untimed first pass stays, for the consumer's own
     first use of each slot."""
-    layout = BufferLayout.of(config, suffix)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            buffer = RamBuffer.attach(layout)
-            break
-        except (BusError, OSError, ValueError):  # not there yet, or still being sized
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    for image_id in range(layout.n_slots):
+    buffer = ImageSubscriber(config, suffix).attach(wait=timeout)  # waits while the writer creates it
+    for image_id in range(buffer.layout.n_slots):
         buffer.populate(image_id)
     return buffer
 
