@@ -25,8 +25,9 @@ Two library figures are measured in every run:
 
 Method: an end-to-end figure is the highest source rate the consumer *sustains*. The simulator
 is fed at a fixed fraction of the library-alone rate (first the goal, 0.9x, then a bisection
-between 0.2x and 1.3x; the stage's and the baseline's trials alternate); a trial passes when every image comes out (no id missing, none lost)
-and the output rate keeps up with the rate asked of the source (>= 97% of it). A consumer that
+between 0.2x and 1.3x; the stage's and the baseline's trials alternate); a trial passes when
+every image comes out (no id missing, none lost) and the output rate keeps up with the rate
+asked of the source (>= 97% of it). A consumer that
 only fell behind by less than a ring's worth would otherwise look fine, and a source fed faster
 than the stage makes the stage waste work on slots that get overwritten, which measures the
 overrun rather than the stage. The source writes several passes over its ring; the first pass
@@ -51,7 +52,7 @@ from common import Timer, make_config, report, spawn
 
 from stddaq.bus import ImageSubscriber
 from stddaq.bus.publisher import METADATA_HWM
-from stddaq.bus.ram_buffer import GUARD_SUFFIX, BufferLayout, RamBuffer
+from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.formats.compression import default_block_elements, single_threaded_openmp
 from stddaq.patterns import Noise
 
@@ -135,6 +136,7 @@ def raw_consumer(codec: str, config_path: str, threads: int, n_images: int) -> N
         sockets.append(sock)
     n_timed = n_images - layout.n_slots
     results = [(0, None, 0.0)] * threads
+    rings: list[RamBuffer | None] = [None] * threads
     cpu_start: list[float] = []  # process CPU when the timed passes start
 
     def work(index: int) -> None:
@@ -150,12 +152,10 @@ def raw_consumer(codec: str, config_path: str, threads: int, n_images: int) -> N
             image_id = metadata.image_id
             if image_id % threads == index:
                 if ring is None:  # the buffer exists once its first image was published
-                    ring = np.memmap(f"/dev/shm/{layout.name}", np.uint8, "r", shape=(layout.n_slots * layout.slot_n_bytes,))
-                    guard = np.memmap(f"/dev/shm/{layout.name}{GUARD_SUFFIX}", np.uint64, "r", shape=(layout.n_slots,))
-                offset = layout.offset(image_id)
-                library_call(codec, ring[offset:offset + config.image_n_bytes].view(dtype).reshape(shape))()
+                    ring = rings[index] = RamBuffer.attach(layout)
+                library_call(codec, ring.slot_array(image_id, shape, dtype))()
                 # as the stage: an image whose slot was overwritten meanwhile does not count as done
-                if image_id >= layout.n_slots and int(guard[layout.slot(image_id)]) == 2 * image_id + 2:
+                if image_id >= layout.n_slots and ring.holds(image_id):
                     done += 1
                     last = time.perf_counter()
                     if first is None:
@@ -173,10 +173,14 @@ def raw_consumer(codec: str, config_path: str, threads: int, n_images: int) -> N
     done = sum(r[0] for r in results)
     firsts = [r[1] for r in results if r[1] is not None]
     print(json.dumps({"done": done, "missing": n_timed - done, "first": min(firsts, default=0.0),
-                      "last": max((r[2] for r in results), default=0.0), "cpu": time.process_time() - min(cpu_start, default=0.0)}), flush=True)
+                      "last": max((r[2] for r in results), default=0.0),
+                      "cpu": time.process_time() - min(cpu_start, default=0.0)}), flush=True)
     for sock in sockets:
         sock.close(0)
     ctx.term()
+    for ring in rings:
+        if ring is not None:
+            ring.close()
 
 
 # ---------------------------------------------------------------- end to end: the stage or the raw consumer

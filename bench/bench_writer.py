@@ -42,7 +42,7 @@ from stddaq.protocol import (
     WriterResponse,
 )
 from stddaq.storage import ImageFile
-from stddaq.storage.hdf5 import LIBVER, chunk_alignment, chunk_images
+from stddaq.storage.hdf5 import LIBVER, raw_chunk_layout
 
 REPEATS = 8
 
@@ -91,10 +91,8 @@ def bare_h5py(publisher: ImagePublisher, config, n_images: int, path: Path) -> f
     """GB/s of the least any HDF5 writer of this layout does: h5py, the same chunks, alignment,
     libver and SWMR as ImageFile, one resize and one write_direct_chunk per chunk straight from
     the ring; no metadata, no checks. The gap between it and the raw write is HDF5's own."""
-    per_chunk = chunk_images(config.image_n_bytes, config.gpfs_block_size)
+    per_chunk, kw = raw_chunk_layout(config.image_n_bytes, config.gpfs_block_size)
     chunk_n_bytes = per_chunk * config.image_n_bytes
-    alignment = chunk_alignment(chunk_n_bytes, config.gpfs_block_size)
-    kw = {"alignment_threshold": chunk_n_bytes, "alignment_interval": alignment} if alignment > 1 else {}
     ring = publisher.buffer.data[:n_images * config.image_n_bytes].view(config.dtype).reshape(n_images, *config.shape)
     settle(n_images * config.image_n_bytes)
     start = time.perf_counter()

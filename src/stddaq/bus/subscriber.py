@@ -58,7 +58,6 @@ class Image:
         """True if the slot still holds this image complete, so what was read of it is good."""
         return self._buffer.holds(self.metadata.image_id)
 
-
     def copy(self) -> np.ndarray:
         """A private copy of the pixels; raises if the slot changed during the copy."""
         out = self.data.copy()

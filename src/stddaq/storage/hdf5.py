@@ -90,6 +90,16 @@ def chunk_alignment(chunk_n_bytes: int, gpfs_block_size: int, max_waste: float =
     return 4096 if -chunk_n_bytes % 4096 <= max_waste * chunk_n_bytes else 1
 
 
+def raw_chunk_layout(image_n_bytes: int, gpfs_block_size: int) -> tuple[int, dict[str, int]]:
+    """Images per raw chunk, and the h5py.File alignment options of a raw file (see module docstring)."""
+    per_chunk = chunk_images(image_n_bytes, gpfs_block_size)
+    chunk_n_bytes = per_chunk * image_n_bytes
+    alignment = chunk_alignment(chunk_n_bytes, gpfs_block_size)
+    if alignment <= 1:
+        return per_chunk, {}
+    return per_chunk, {"alignment_threshold": chunk_n_bytes, "alignment_interval": alignment}
+
+
 class blosc2_frame:  # noqa: N801 - used like a function
     """Wrap a Blosc2 chunk in the one-chunk super-chunk frame filter 32026 decodes, no recompression."""
 
@@ -232,13 +242,7 @@ class ImageFile:
         if compression not in COMPRESSIONS:
             raise StorageError(f"compression {compression} is not allowed (allowed: 0 none, 1 h5bitshuffle_lz4, 2 blosc2)")
         image_n_bytes = shape[0] * shape[1] * dtype.itemsize
-        per_chunk = chunk_images(image_n_bytes, gpfs_block_size) if compression == NONE else 1
-        kw = {}
-        if compression == NONE:
-            chunk_n_bytes = per_chunk * image_n_bytes
-            alignment = chunk_alignment(chunk_n_bytes, gpfs_block_size)
-            if alignment > 1:
-                kw = {"alignment_threshold": chunk_n_bytes, "alignment_interval": alignment}
+        per_chunk, kw = raw_chunk_layout(image_n_bytes, gpfs_block_size) if compression == NONE else (1, {})
         h5file = _create_h5(path, **kw)
         with _laying_out(h5file, path):
             group = h5file.create_group(detector_name)
