@@ -46,6 +46,31 @@ def test_create_write_attach_read_unlink() -> None:
     assert not os.path.exists(f"/dev/shm/{name}") and not os.path.exists(f"/dev/shm/{name}{GUARD_SUFFIX}")
 
 
+def test_a_view_kept_after_close_stays_readable() -> None:
+    """Closing a buffer while a consumer still holds an image's view keeps the mapping until the
+    view is gone. It used to unmap at once, and the next read of the view (pytest printing a
+    failed test's arguments, in CI) killed the process with SIGSEGV: hence a child process."""
+    name = unique_name() + "-image"
+    script = f"""
+import gc, numpy as np
+from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
+layout = BufferLayout({name!r}, slot_n_bytes=4 << 20, n_slots=2)
+owner = RamBuffer.create(layout)
+owner.slot_array(1, (1024, 2048), np.uint16)[:] = 7
+reader = RamBuffer.attach(layout)
+kept = reader.slot_array(1, (1024, 2048), np.uint16)
+whole = reader.slot_bytes(1)
+reader.close()
+owner.close()
+gc.collect()
+print(int(kept.max()), int(kept.sum()), int(whole[:8].sum()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["7", str(7 * 1024 * 2048), "28"]  # uint16 7: bytes 7, 0
+    assert not os.path.exists(f"/dev/shm/{name}")
+
+
 def test_guard_sees_write_in_progress_and_overwrite() -> None:
     layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
     with RamBuffer.create(layout) as owner, RamBuffer.attach(layout) as reader:

@@ -253,7 +253,7 @@ class RamBuffer:
         slot = image_id % self.layout.n_slots
         view = views[slot]
         if view is None:
-            view = views[slot] = np.ndarray(shape, dtype, buffer=self._data_map, offset=slot * self.layout.slot_n_bytes)
+            view = views[slot] = np.ndarray(shape, dtype, buffer=self.data, offset=slot * self.layout.slot_n_bytes)
         return view
 
     # ------------------------------------------------------------------ guard
@@ -300,7 +300,9 @@ class RamBuffer:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Unmap; the owner also unlinks both objects. Views handed out must be gone by now."""
+        """Unmap; the owner also unlinks both objects. Slot views still held elsewhere keep the
+        mapping alive until they go (they are made on ``self.data``, which holds the mmap's buffer:
+        a view made on the mmap itself does not, and reading it after close was a SIGSEGV)."""
         if self._closed:
             return
         self._closed = True
