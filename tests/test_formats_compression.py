@@ -115,6 +115,12 @@ def test_encoders_are_set_up_for_threads() -> None:
     assert seen and set(seen) == {1}
 
 
+def _blosc2_at(pixels: np.ndarray, out: np.ndarray) -> int:
+    """blosc2_encoder_at's encoder called with the arrays' addresses, as the stage calls it."""
+    from stddaq.formats.compression import blosc2_encoder_at
+    return blosc2_encoder_at(5)(pixels.ctypes.data, pixels.nbytes, pixels.itemsize, out.ctypes.data, out.nbytes)
+
+
 def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
     from stddaq.formats.compression import _blosc2_direct, bitshuffle_lz4_encode_into, blosc2_encode_into
 
@@ -123,7 +129,7 @@ def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
     for shape, dtype in (((30, 40), "uint16"), ((7, 13), "uint8"), ((64, 48), "float32")):
         pixels = ramp(4, shape, dtype)
         for encode_into, make in ((bitshuffle_lz4_encode_into, bitshuffle_lz4_encode),
-                                  (blosc2_encode_into, blosc2_encode)):
+                                  (blosc2_encode_into, blosc2_encode), (_blosc2_at, blosc2_encode)):
             expected = np.frombuffer(make(pixels), np.uint8)  # byte for byte what the plain encoder makes
             out = np.full(expected.nbytes + 16, 0xAB, np.uint8)
             n_bytes = encode_into(pixels, out)
@@ -134,5 +140,5 @@ def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
             if encode_into is bitshuffle_lz4_encode_into:  # blosc2 may have written part of a chunk
                 assert (small == 0xCD).all()
         noise = np.random.default_rng(3).integers(0, 1 << 16, shape, dtype=np.uint16)
-        for encode_into in (bitshuffle_lz4_encode_into, blosc2_encode_into):
+        for encode_into in (bitshuffle_lz4_encode_into, blosc2_encode_into, _blosc2_at):
             assert encode_into(noise, np.empty(noise.nbytes, np.uint8)) == 0

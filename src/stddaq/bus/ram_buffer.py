@@ -126,6 +126,7 @@ class RamBuffer:
         self._closed = False
         self.data = np.frombuffer(data, dtype=np.uint8)
         self.sequence = np.frombuffer(guard, dtype=np.uint64, count=layout.n_slots) if guard is not None else None
+        self._address = self.data.ctypes.data
         self._views: dict[tuple, list[np.ndarray | None]] = {}
         self._lock_fd: int | None = None
         self._populated = np.zeros(layout.n_slots, dtype=bool)
@@ -234,6 +235,11 @@ class RamBuffer:
         """uint8 view of the slot of ``image_id`` (its first ``n_bytes``), no copy."""
         whole = self.slot_array(image_id, (1, self.layout.slot_n_bytes), _BYTE)[0]
         return whole if n_bytes is None else whole[:n_bytes]
+
+    def slot_address(self, image_id: int) -> int:
+        """Memory address of the slot of ``image_id``, for C calls (numpy takes about 2 us to tell
+        an array's). Valid while this buffer is open."""
+        return self._address + (image_id % self.layout.n_slots) * self.layout.slot_n_bytes
 
     def slot_array(self, image_id: int, shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
         """The slot of ``image_id`` as an array of ``shape``/``dtype``, no copy.

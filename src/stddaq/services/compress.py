@@ -53,6 +53,7 @@ from stddaq.formats.compression import (
     BLOSC2_MAX_LEVEL,
     bitshuffle_lz4_encode_into,
     blosc2_encode_into,
+    blosc2_encoder_at,
     check_block_bytes,
     single_threaded_openmp,
 )
@@ -82,6 +83,9 @@ class Codec:
     suffix: str
     compression: int
     encode_into: Callable[[np.ndarray, np.ndarray], int]  # (pixels, slot) -> bytes written, 0 = does not fit
+    #: the same between addresses, where the codec has it (blosc2_encoder_at):
+    #: (source, n_bytes, itemsize, out, capacity) -> bytes written, 0 = does not fit
+    encode_at: Callable[[int, int, int, int, int], int] | None = None
 
 
 #: blosc2 level 0 stores the image as it is plus a 32-byte header: it never fits a slot.
@@ -92,7 +96,7 @@ def blosc2_codec(level: int = 5) -> Codec:
     if not MIN_LEVEL <= level <= BLOSC2_MAX_LEVEL:
         raise UsageError(f"-l/--level {level} is not allowed (allowed: {MIN_LEVEL}..{BLOSC2_MAX_LEVEL})")
     return Codec("blosc2", "blosc2", int(ImageMetadataCompression.blosc2),
-                 lambda pixels, out: blosc2_encode_into(pixels, out, level))
+                 lambda pixels, out: blosc2_encode_into(pixels, out, level), blosc2_encoder_at(level))
 
 
 def bitshuffle_lz4_codec(block_bytes: int, itemsize: int) -> Codec:
@@ -104,15 +108,20 @@ def bitshuffle_lz4_codec(block_bytes: int, itemsize: int) -> Codec:
                  lambda pixels, out: bitshuffle_lz4_encode_into(pixels, out, block_bytes))
 
 
-def compress_into(codec: Codec, image: Image, slot: np.ndarray) -> tuple[str, int]:
+def compress_into(codec: Codec, image: Image, slot: np.ndarray, slot_address: int | None = None) -> tuple[str, int]:
     """Compress (good raw image) or copy (any other) ``image`` into ``slot``: (outcome, bytes).
 
-    ``slot`` must already be marked as being written. The outcome is ``lost`` when the source
-    slot no longer holds the image afterwards: what was read may be torn, so it must not go on.
+    ``slot`` must already be marked as being written; with its ``slot_address`` given, a codec
+    that has ``encode_at`` is called with addresses. The outcome is ``lost`` when the source slot
+    no longer holds the image afterwards: what was read may be torn, so it must not go on.
     """
     metadata = image.metadata
     if metadata.status == _GOOD and metadata.compression == _NONE:
-        n_bytes = codec.encode_into(image.data, slot)
+        pixels = image.data
+        if slot_address is not None and codec.encode_at is not None:
+            n_bytes = codec.encode_at(image.address, pixels.nbytes, pixels.itemsize, slot_address, slot.nbytes)
+        else:
+            n_bytes = codec.encode_into(pixels, slot)
         outcome = COMPRESSED if n_bytes else TOO_BIG
     else:
         blob = image.data.reshape(-1).view(np.uint8)
@@ -262,8 +271,10 @@ class Compressor(Service):
         """The work of one image, in a worker thread or inline: (outcome, bytes or error text)."""
         if self.subscriber.overtaken_within(image, self.margin):
             return GIVEN_UP, 0
+        image_id = image.metadata.image_id
+        publisher = self.publisher
         try:
-            return compress_into(self.codec, image, self.publisher.begin(image.image_id))
+            return compress_into(self.codec, image, publisher.begin(image_id), publisher.buffer.slot_address(image_id))
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop the stage
             return ERROR, f"{type(exc).__name__}: {exc}"
 
