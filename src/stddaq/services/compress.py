@@ -12,9 +12,9 @@ we read it, the result is thrown away and the image counted ``lost`` (never publ
 compressed image bigger than the slot (incompressible data) is counted ``too_big`` and not
 published. The output channel has the source's slot size and slot count.
 
-Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it hands images, in
-batches of about 1 MiB, to N worker threads (the codecs release the GIL, see
-``stddaq.formats.compression``) and publishes the results in the order the images came, so
+Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it splits images in
+batches of about 1 MiB, hands N - 1 of every N to N - 1 worker threads and compresses the
+other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and publishes the results in the order the images came, so
 readers of the output see ids in source order. At most ``2 * N`` batches are in flight, fewer
 images than slots, and never two with the same output slot.
 
@@ -149,6 +149,7 @@ class Compressor(Service):
         # every in-flight image needs its own output slot, so fewer than n_slots of them
         self.max_in_flight = max(1, min(2 * threads * self.batch_images, config.n_slots - 1))
         self._in_flight = 0
+        self._turn = 0  # which of the THREADS compresses the next batch (0: the loop thread)
         #: give an image up when its slot is overwritten within this many images (module docstring):
         #: one more than the threads compressing at once (while a thread compresses one image, a
         #: producer about as fast writes about one per thread), a quarter of the ring at most on
@@ -173,11 +174,10 @@ class Compressor(Service):
         self.subscriber = ImageSubscriber(config, self.source_suffix, ctx=self.ctx, stats=self.counters).connect()
         self.endpoints = {"source": self.subscriber.address, "metadata": self.publisher.address,
                           "buffer": f"/dev/shm/{self.publisher.layout.name}"}
-        if self.threads > 1:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix=self.name,
+        single_threaded_openmp()
+        if self.threads > 1:  # the loop thread is one of the THREADS (see _submit)
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix=self.name,
                                             initializer=single_threaded_openmp)
-        else:
-            single_threaded_openmp()
         self._attach_source()
         log.info("%s: %s -> %s with %d thread%s", self.name, self.subscriber.address, self.publisher.address,
                  self.threads, "" if self.threads == 1 else "s")
@@ -283,8 +283,13 @@ class Compressor(Service):
         return [process(image) for image in batch]
 
     def _submit(self, batch: list[Image]) -> None:
-        """Hand a batch to the pool. Images go in batches because a hand-off between threads
-        costs tens of microseconds, as much as compressing a small image."""
+        """Hand a batch to the pool, or compress it here: the loop thread takes every THREADS-th
+        batch itself, so THREADS threads compress with THREADS - 1 workers. One Python thread
+        less contends for the GIL: every time a thread releases it (the loop thread does in each
+        recv and send), a waiting one takes it and the first must wait to get it back; with
+        three Python threads on 2 cores that cost a thread switch per image. Images go in
+        batches because a hand-off between threads costs tens of microseconds, as much as
+        compressing a small image."""
         n_slots = self.publisher.layout.n_slots
         taken = self._pending_slots
         for index, image in enumerate(batch):
@@ -300,7 +305,13 @@ class Compressor(Service):
                 return
             taken.add(slot)
         self._in_flight += len(batch)
-        self._pending.append((batch, self._pool.submit(self._process_batch, batch)))
+        self._turn = (self._turn + 1) % self.threads
+        if self._turn:
+            future = self._pool.submit(self._process_batch, batch)
+        else:  # every THREADS-th batch: compressed here, its place in the order kept by a done Future
+            future = Future()
+            future.set_result(self._process_batch(batch))
+        self._pending.append((batch, future))
 
     def _finish(self, batch: list[Image], future: Future) -> None:
         n_slots = self.publisher.layout.n_slots
