@@ -116,7 +116,8 @@ def image_file(publisher: ImagePublisher, config, n_images: int, path: Path, dir
                           gpfs_block_size=config.gpfs_block_size, direct=direct) as f:
         for image_id in range(n_images):
             f.append(image_id, 1, buffer.slot_array(image_id, config.shape, config.dtype),
-                     lambda i=image_id: buffer.holds(i), borrowed=True)  # as the writer: zero copy
+                     lambda i=image_id: buffer.holds(i), borrowed=True,
+                     address=buffer.slot_address(image_id))  # as the writer: zero copy
     seconds = time.perf_counter() - start
     path.unlink()
     return n_images * config.image_n_bytes / seconds / 1e9

@@ -40,6 +40,8 @@ def test_create_write_attach_read_unlink() -> None:
                 raw.seek(2 * 64)
                 assert np.frombuffer(raw.read(64), np.uint16).tolist() == list(range(32))
             assert reader.holds(6) and not reader.holds(2) and not reader.holds(10)
+            for image_id in (0, 3, 6, 11):  # the address C calls get is the slot view's
+                assert reader.slot_address(image_id) == reader.slot_array(image_id, (4, 8), np.uint16).ctypes.data
             with pytest.raises(ValueError):
                 view[0, 0] = 1  # readers map read-only
             del view

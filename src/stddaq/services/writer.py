@@ -349,7 +349,8 @@ class Writer(Service):
             def intact() -> bool:
                 return buffer.holds(image_id)
         # a guarded buffer says when a slot is overwritten, so the file may write it later (zero copy)
-        if not file.append(image_id, metadata.status, data, intact, borrowed=intact is not None and buffer.guarded):
+        if not file.append(image_id, metadata.status, data, intact, borrowed=intact is not None and buffer.guarded,
+                           address=buffer.slot_address(image_id)):
             self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
             raise _Skip
 
