@@ -116,6 +116,10 @@ def test_compress_into_compresses_forwards_and_refuses(source_ring, codec: Codec
     image = put(config, buffer, 9, pixels)
     outcome, n_bytes = compress_into(codec, image, slot)
     assert outcome == COMPRESSED and 0 < n_bytes < pixels.nbytes
+    # as the stage calls it, with the output slot's address (blosc2 then compresses between addresses)
+    by_address = np.zeros_like(slot)
+    assert compress_into(codec, image, by_address, by_address.ctypes.data) == (COMPRESSED, n_bytes)
+    assert np.array_equal(by_address, slot)
     image.metadata.compression, image.metadata.size = codec.compression, n_bytes
     assert np.array_equal(decode(image.metadata, slot[:n_bytes]), pixels)
 
