@@ -145,10 +145,14 @@ def _check_blocks(body: np.ndarray, n_elements: int, block: int, itemsize: int) 
 
 
 # ---------------------------------------------------------------- blosc2
-def blosc2_encode(pixels: np.ndarray, level: int = 5, nthreads: int = 1) -> bytes:
-    """One Blosc2 chunk: LZ4, bitshuffle, typesize = bytes per pixel."""
+def _check_level(level: int) -> None:
     if not 0 <= level <= BLOSC2_MAX_LEVEL:
         raise ValueError(f"blosc2 level {level} is not allowed (allowed: 0..{BLOSC2_MAX_LEVEL})")
+
+
+def blosc2_encode(pixels: np.ndarray, level: int = 5, nthreads: int = 1) -> bytes:
+    """One Blosc2 chunk: LZ4, bitshuffle, typesize = bytes per pixel."""
+    _check_level(level)
     pixels = np.ascontiguousarray(pixels)
     return blosc2.compress2(pixels, typesize=pixels.dtype.itemsize, clevel=level, codec=blosc2.Codec.LZ4,
                             filters=[blosc2.Filter.BITSHUFFLE], filters_meta=[0], nthreads=nthreads)
@@ -165,8 +169,7 @@ def blosc2_encode_into(pixels: np.ndarray, out: np.ndarray, level: int = 5) -> i
     faster per image than ``compress2`` and a copy. If that library cannot be used here, it
     falls back to ``compress2`` and a copy.
     """
-    if not 0 <= level <= BLOSC2_MAX_LEVEL:
-        raise ValueError(f"blosc2 level {level} is not allowed (allowed: 0..{BLOSC2_MAX_LEVEL})")
+    _check_level(level)
     pixels = np.ascontiguousarray(pixels)
     direct = _blosc2_direct()
     if direct is not None:
@@ -184,8 +187,7 @@ def blosc2_encoder_at(level: int = 5) -> Callable[[int, int, int, int, int], int
     written`` (0 = does not fit). numpy takes about 2 us to tell an array's address, twice per
     image: at 480x128 that is 5% of compressing it. None when the direct path is not usable here.
     The source must be ``n_bytes`` of contiguous pixels of ``itemsize`` bytes each."""
-    if not 0 <= level <= BLOSC2_MAX_LEVEL:
-        raise ValueError(f"blosc2 level {level} is not allowed (allowed: 0..{BLOSC2_MAX_LEVEL})")
+    _check_level(level)
     direct = _blosc2_direct()
     if direct is None:
         return None
@@ -260,7 +262,7 @@ class _Blosc2Direct:
 
     def compress_at(self, source: int, n_bytes: int, itemsize: int, out: int, capacity: int, level: int) -> int:
         """``n_bytes`` at address ``source`` into ``capacity`` bytes at ``out`` (see
-        ``blosc2_encode_at``)."""
+        ``blosc2_encoder_at``)."""
         if n_bytes > _MAX_CHUNK_SOURCE:
             raise ValueError(f"an image of {n_bytes} bytes is too large for one blosc2 chunk (< 2 GiB)")
         context = self._create_context(self._parameters(level, itemsize))

@@ -13,9 +13,10 @@ compressed image bigger than the slot (incompressible data) is counted ``too_big
 published. The output channel has the source's slot size and slot count.
 
 Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it splits images in
-batches of about 1 MiB, hands N - 1 of every N to N - 1 worker threads and compresses the
-other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and publishes the results in the order the images came, so
-readers of the output see ids in source order. At most ``2 * N`` batches are in flight, fewer
+batches of about 1 MiB, hands N - 1 of every N batches to N - 1 worker threads and compresses
+the other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and
+publishes the results in the order the images came, so readers of the output see ids in
+source order. At most ``2 * N`` batches are in flight, fewer
 images than slots, and never two with the same output slot.
 
 Falling behind: an image whose source slot the producer will overwrite within ``margin`` images
