@@ -27,8 +27,8 @@ Method: an end-to-end figure is the highest source rate the consumer *sustains*.
 is fed at a fixed fraction of the library-alone rate (first the goal, 0.9x, then a bisection
 between 0.2x and 1.3x; the stage's and the baseline's trials alternate); a trial passes when
 every image comes out (no id missing, none lost) and the output rate keeps up with the rate
-asked of the source (>= 97% of it); a rate counts as failed when a retry at it fails too. A consumer that
-only fell behind by less than a ring's worth would otherwise look fine, and a source fed faster
+asked of the source (>= 97% of it); a rate counts as failed when a retry at it fails too. A
+consumer that only fell behind by less than a ring's worth would otherwise look fine, and a source fed faster
 than the stage makes the stage waste work on slots that get overwritten, which measures the
 overrun rather than the stage. The source writes several passes over its ring; the first pass
 is not timed (a slot's first use pays page faults that a running deployment has long paid). The
