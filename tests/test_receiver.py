@@ -59,17 +59,19 @@ def test_simulator_to_stream_to_receiver_to_bus(make_config, service, stream_typ
             sim = service(SIM, path, "--n-images", n_images, "--rate", 300, "--wait-subscribers", 1)
             ids = []
             while (image := subscriber.receive(timeout=3)) is not None:
-                assert np.array_equal(image.data, ramp(image.image_id, target.shape, target.dtype))
-                assert subscriber.confirm(image)
+                pixels = image.data.copy()
+                # two SUB connections to one PUB: each image arrives twice and is written twice (same
+                # bytes); a read that overlaps the second write is not confirmed, the second copy is
+                if subscriber.confirm(image):
+                    assert np.array_equal(pixels, ramp(image.image_id, target.shape, target.dtype))
+                    ids.append(image.image_id)
                 if stream_type == "bsread":
                     assert image.metadata.pco.bsread_name == f"{source.detector_name}:FPICTURE"
-                ids.append(image.image_id)
             assert sim.wait(timeout=30) == 0
             totals = receiver.stats()
     finally:
         ctx.term()
-    # two SUB connections to one PUB: each image arrives twice and is written twice, same bytes
-    assert sorted(set(ids)) == list(range(n_images))
+    assert sorted(set(ids)) == list(range(n_images))  # every image read intact at least once
     assert totals["invalid"] == totals["mismatch"] == 0
     assert totals["processed_times"] == 2 * n_images
 
