@@ -43,7 +43,7 @@ def running(*services):
 
 
 @pytest.mark.parametrize("stream_type", ["array-1.0", "bsread"])
-def test_simulator_to_stream_to_receiver_to_bus(make_config, service, stream_type: str) -> None:
+def test_simulator_to_stream_to_receiver_to_bus(make_config, service, stream_type: str, caplog) -> None:
     """std_sim -> std_live_stream -> receiver (2 SUB connections) -> <det2>-image -> ImageSubscriber."""
     source, path = make_config(detector_type="pco", image_pixel_height=20, image_pixel_width=36, ram_buffer_slots=300)
     target, _ = make_config(detector_type="pco", image_pixel_height=20, image_pixel_width=36, ram_buffer_slots=300)
@@ -72,6 +72,7 @@ def test_simulator_to_stream_to_receiver_to_bus(make_config, service, stream_typ
     finally:
         ctx.term()
     assert sorted(set(ids)) == list(range(n_images))  # every image read intact at least once
+    assert "2 SUB connections to one publisher each get every image" in caplog.text  # the user is told
     assert totals["invalid"] == totals["mismatch"] == 0
     assert totals["processed_times"] == 2 * n_images
 

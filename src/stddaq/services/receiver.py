@@ -88,6 +88,11 @@ class StreamReceiver(Service):
         self._metadata = image_metadata(self.config)
         log.info("receiving %s from %s (%d %s connections) into %s", self.stream_type, self.address,
                  self.n_connections, self.socket_type, self.publisher.layout.name)
+        if self.socket_type == "sub" and self.n_connections > 1:
+            log.warning("%d SUB connections to one publisher each get every image: each image is written and "
+                        "published %d times (readers downstream see every id %d times); use -n 1 with -t sub, "
+                        "or -t pull to share the images between connections", self.n_connections,
+                        self.n_connections, self.n_connections)
 
     def _close(self) -> None:
         for sock in self.sockets:
