@@ -426,6 +426,44 @@ def test_images_sharing_an_output_slot_are_never_in_flight_together(make_config)
     assert totals["compressed"] == 1 and totals["lost"] == 1
 
 
+def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> None:
+    """-t 2 with its one worker thread busy elsewhere (as on a loaded machine, where it waits for
+    a core): the batches handed to it are taken back and compressed by the loop thread, so
+    every image still comes out, in order and exact, while the worker is still busy."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=64)
+    stage = Compressor(config, blosc2_codec(), threads=2)
+    with ImagePublisher(config) as source:
+        stage.start()
+        busy, release = threading.Event(), threading.Event()
+        stage._pool.submit(lambda: (busy.set(), release.wait(30)))  # the only worker, held
+        assert busy.wait(5)
+        runner = threading.Thread(target=stage.run)
+        runner.start()
+        try:
+            assert source.wait_for_subscribers(1, timeout=10)
+            with subscribe(config, "blosc2") as subscriber:
+                metadata = image_metadata(config)
+                for image_id in range(20):
+                    metadata.image_id = image_id
+                    source.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
+                    if image_id % 5 == 4:
+                        time.sleep(0.05)  # several batches, some handed to the worker
+                for image_id in range(20):
+                    image = subscriber.receive(timeout=10)
+                    assert image is not None and image.image_id == image_id
+                    pixels = np.array(decode(image.metadata, image.data))
+                    assert subscriber.confirm(image)
+                    del image
+                    assert np.array_equal(pixels, ramp(image_id, config.shape, config.dtype))
+                assert not release.is_set()  # all of it done while the worker was still held
+        finally:
+            release.set()
+            stage.stop()
+            runner.join(timeout=10)
+            stage.close()
+    assert stage.stats()["compressed"] == 20
+
+
 # ---------------------------------------------------------------------- stddaq up
 def test_plan_starts_the_stages_a_config_asks_for(make_config) -> None:
     config, path = make_config()
