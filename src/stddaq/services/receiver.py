@@ -47,22 +47,34 @@ def check_against_config(config: DetectorConfig, image_id: int, pixels: np.ndarr
     return None
 
 
+#: connections of a PULL receiver unless -n says otherwise
+DEFAULT_PULL_CONNECTIONS = 4
+
+
 class StreamReceiver(Service):
-    """Connects ``n_connections`` sockets to ``address`` and writes what arrives into ``<det>-image``."""
+    """Connects ``n_connections`` sockets to ``address`` and writes what arrives into ``<det>-image``.
+
+    PULL connections share the images between them (default 4). A SUB receiver connects one:
+    every SUB connection to a publisher gets every image, so N of them would write and publish
+    each image N times (a writer downstream would record every id N times, and a reader could
+    count an image lost while its next copy is written over it); asking for more is told so."""
 
     def __init__(self, config: DetectorConfig, address: str, *, stream_type: str = "array-1.0",
-                 n_connections: int = 4, socket_type: str = "pull", suffix: str = "image", **kw) -> None:
+                 n_connections: int | None = None, socket_type: str = "pull", suffix: str = "image", **kw) -> None:
         self.name = "std_array10_recv" if stream_type == "array-1.0" else "std_bsread_recv"
         super().__init__(config, **kw)
         if stream_type not in FORMATS:
             raise UsageError(f"stream type {stream_type!r} is not allowed (allowed: {', '.join(FORMATS)})")
         if socket_type not in SOCKET_TYPES:
             raise UsageError(f"-t/--type {socket_type!r} is not allowed (allowed: {', '.join(SOCKET_TYPES)})")
-        if n_connections <= 0:
+        if n_connections is not None and n_connections <= 0:
             raise UsageError(f"-n {n_connections} is not allowed: must be > 0")
+        self.asked_connections = n_connections
+        if socket_type == "sub":
+            n_connections = 1
         self.address = address
         self.stream_type = stream_type
-        self.n_connections = n_connections
+        self.n_connections = DEFAULT_PULL_CONNECTIONS if n_connections is None else n_connections
         self.socket_type = socket_type
         self.suffix = suffix
         self.sockets: list[zmq.Socket] = []
@@ -88,11 +100,11 @@ class StreamReceiver(Service):
         self._metadata = image_metadata(self.config)
         log.info("receiving %s from %s (%d %s connections) into %s", self.stream_type, self.address,
                  self.n_connections, self.socket_type, self.publisher.layout.name)
-        if self.socket_type == "sub" and self.n_connections > 1:
-            log.warning("%d SUB connections to one publisher each get every image: each image is written and "
-                        "published %d times (readers downstream see every id %d times); use -n 1 with -t sub, "
-                        "or -t pull to share the images between connections", self.n_connections,
-                        self.n_connections, self.n_connections)
+        if self.socket_type == "sub" and (self.asked_connections or 1) > 1:
+            log.warning("-n %d ignored with -t sub: one SUB connection is made, because each SUB connection to a "
+                        "publisher gets every image, so %d would write and publish each image %d times; -n shares "
+                        "the images between connections only with -t pull", self.asked_connections,
+                        self.asked_connections, self.asked_connections)
 
     def _close(self) -> None:
         for sock in self.sockets:
@@ -145,7 +157,8 @@ def build_parser(stream_type: str) -> ArgumentParser:
     parser = ArgumentParser(description=f"Receive a {stream_type} stream into the <detector>-image bus channel.")
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("stream_address", help="address of the stream to connect to, e.g. tcp://host:9100")
-    parser.add_argument("-n", "--n_connections", type=positive_int, default=4, help="parallel connections (default 4)")
+    parser.add_argument("-n", "--n_connections", type=positive_int, default=None,
+                        help=f"parallel PULL connections (default {DEFAULT_PULL_CONNECTIONS}; -t sub makes one)")
     parser.add_argument("-t", "--type", default="pull", help="socket type: pull (default) or sub")
     return parser
 
