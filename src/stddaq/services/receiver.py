@@ -154,7 +154,8 @@ class StreamReceiver(Service):
 
 
 def build_parser(stream_type: str) -> ArgumentParser:
-    parser = ArgumentParser(description=f"Receive a {stream_type} stream into the <detector>-image bus channel.")
+    article = "an" if stream_type[0] in "aeiou" else "a"
+    parser = ArgumentParser(description=f"Receive {article} {stream_type} stream into the <detector>-image bus channel.")
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("stream_address", help="address of the stream to connect to, e.g. tcp://host:9100")
     parser.add_argument("-n", "--n_connections", type=positive_int, default=None,
