@@ -196,6 +196,7 @@ class Trial:
     missing: int  # timed images that never came out (ids skipped or lost)
     side_cpu_us: float  # CPU microseconds per timed image of the simulator + the reader of the stage's output
     cpu_us: float  # CPU microseconds per timed image of the consumer (all its threads)
+    reader_cpu_us: float = 0.0  # of side_cpu_us, the reader's (this process); the raw consumer has no reader
 
     @property
     def sustained(self) -> bool:
@@ -251,28 +252,29 @@ def stage_trial(codec: str, height: int, width: int, n_slots: int, threads: int,
         _populated(config, CODECS[codec]).close()
         with ImageSubscriber(config, CODECS[codec]).connect(wait=20) as subscriber:
             sim = _start_source(config, path, n_images, source_rate, 1)
-            last_seen, cpu_start = -1, None
+            last_seen, cpu_start, reader_cpu = -1, None, 0.0
             while (image := subscriber.receive(timeout=5)) is not None:
                 last_seen = image.image_id
                 if last_seen >= n_slots:
-                    if cpu_start is None:  # the timed passes start: from here on, count CPU
-                        cpu_start = time.process_time() + _cpu_seconds(sim.pid)
-                        stage_start = _cpu_seconds(stage.pid)
+                    if cpu_start is None:  # the timed passes start: from here on, count CPU (reader, simulator, stage)
+                        cpu_start = (time.process_time(), _cpu_seconds(sim.pid), _cpu_seconds(stage.pid))
                     timer.tick()
                     compressed_bytes += image.metadata.size
                 if last_seen == n_images - 1:
                     break
             if cpu_start is not None:
-                cpu = time.process_time() + _cpu_seconds(sim.pid) - cpu_start
-                stage_cpu = _cpu_seconds(stage.pid) - stage_start
+                reader_cpu = time.process_time() - cpu_start[0]
+                cpu = reader_cpu + _cpu_seconds(sim.pid) - cpu_start[1]
+                stage_cpu = _cpu_seconds(stage.pid) - cpu_start[2]
             sim.terminate()  # what is left of it is its linger
             sim.wait()
     finally:
         stage.terminate()
         stage.wait()
     ratio = timer.count * height * width * 2 / compressed_bytes if compressed_bytes else float("nan")
-    return Trial(source_rate, timer.rate(), ratio, (n_images - n_slots) - timer.count, cpu / max(1, timer.count) * 1e6,
-                 stage_cpu / max(1, timer.count) * 1e6)
+    per_image = 1e6 / max(1, timer.count)
+    return Trial(source_rate, timer.rate(), ratio, (n_images - n_slots) - timer.count, cpu * per_image,
+                 stage_cpu * per_image, reader_cpu * per_image)
 
 
 def raw_trial(codec: str, height: int, width: int, n_slots: int, threads: int, source_rate: float) -> Trial:
@@ -379,6 +381,9 @@ def bench(codec: str, height: int, width: int, n_slots: int) -> None:
               f"simulator + reader {shown.side_cpu_us:.0f} us; together "
               f"{(shown.cpu_us + shown.side_cpu_us) * rate / 1e6:.2f} of the {os.cpu_count()} cores at this rate",
               flush=True)
+        print(f"  the reader of the stage's output (which the library fed by the source does not have) uses "
+              f"{shown.reader_cpu_us:.0f} us of that per image: "
+              f"{shown.reader_cpu_us / (shown.cpu_us + shown.side_cpu_us):.0%} of the CPU of the whole chain", flush=True)
     report(f"compress {codec} {height}x{width} -t 2 scaling", rates[2], "images/s", rates[1], "about 2 on 2 cores")
     print(f"  context: with 2 threads the library alone scales {bases[2] / bases[1]:.2f}x, the library fed by the "
           f"same source {raw_rates[2] / raw_rates[1] if raw_rates[1] else float('nan'):.2f}x; on {os.cpu_count()} "
