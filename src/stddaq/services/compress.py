@@ -326,8 +326,7 @@ class Compressor(Service):
         """Compress here the oldest batch no worker has started yet, instead of waiting idle.
 
         True if there was one. On a loaded machine a worker thread may wait for a core while
-        the loop thread has nothing else to do: without this, the loop thread would then wait
-        for it and -t N be slower than -t 1."""
+        the loop thread has nothing else to do (see the module docstring)."""
         pending = self._pending
         for index, (batch, future) in enumerate(pending):
             if future.cancel():  # not started: no worker will touch it now

@@ -70,11 +70,9 @@ class StreamReceiver(Service):
         if n_connections is not None and n_connections <= 0:
             raise UsageError(f"-n {n_connections} is not allowed: must be > 0")
         self.asked_connections = n_connections
-        if socket_type == "sub":
-            n_connections = 1
         self.address = address
         self.stream_type = stream_type
-        self.n_connections = DEFAULT_PULL_CONNECTIONS if n_connections is None else n_connections
+        self.n_connections = 1 if socket_type == "sub" else n_connections or DEFAULT_PULL_CONNECTIONS
         self.socket_type = socket_type
         self.suffix = suffix
         self.sockets: list[zmq.Socket] = []
