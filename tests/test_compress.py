@@ -438,10 +438,13 @@ def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> N
         stage._pool.submit(lambda: (busy.set(), release.wait(30)))  # the only worker, held
         assert busy.wait(5)
         runner = threading.Thread(target=stage.run)
-        runner.start()
         try:
-            assert source.wait_for_subscribers(1, timeout=10)
             with subscribe(config, "blosc2") as subscriber:
+                # the stage's PUB drops what it sends before our subscription has reached it: wait
+                # for that here, while no other thread uses its socket yet
+                assert stage.publisher.wait_for_subscribers(1, timeout=10)
+                runner.start()
+                assert source.wait_for_subscribers(1, timeout=10)
                 metadata = image_metadata(config)
                 for image_id in range(20):
                     metadata.image_id = image_id
@@ -459,7 +462,8 @@ def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> N
         finally:
             release.set()
             stage.stop()
-            runner.join(timeout=10)
+            if runner.is_alive():
+                runner.join(timeout=10)
             stage.close()
     assert stage.stats()["compressed"] == 20
 
