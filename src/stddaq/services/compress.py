@@ -315,12 +315,15 @@ class Compressor(Service):
             taken.add(slot)
         self._in_flight += len(batch)
         self._turn = (self._turn + 1) % self.threads
-        if self._turn:
-            future = self._pool.submit(self._process_batch, batch)
-        else:  # every THREADS-th batch: compressed here, its place in the order kept by a done Future
-            future = Future()
-            future.set_result(self._process_batch(batch))
+        # every THREADS-th batch is compressed here
+        future = self._pool.submit(self._process_batch, batch) if self._turn else self._done_here(batch)
         self._pending.append((batch, future))
+
+    def _done_here(self, batch: list[Image]) -> Future:
+        """Compress ``batch`` in this thread; the done Future keeps its place in the order."""
+        future = Future()
+        future.set_result(self._process_batch(batch))
+        return future
 
     def _steal(self) -> bool:
         """Compress here the oldest batch no worker has started yet, instead of waiting idle.
@@ -330,9 +333,7 @@ class Compressor(Service):
         pending = self._pending
         for index, (batch, future) in enumerate(pending):
             if future.cancel():  # not started: no worker will touch it now
-                done = Future()
-                done.set_result(self._process_batch(batch))
-                pending[index] = (batch, done)
+                pending[index] = (batch, self._done_here(batch))
                 return True
         return False
 
