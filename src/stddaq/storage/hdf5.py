@@ -189,6 +189,24 @@ def _create_h5(path: Path, **kw) -> h5py.File:
         raise StorageError(f"cannot create {path}: {_describe_os_error(exc, path)}") from None
 
 
+class _Extent:
+    """The first-axis length of an extensible dataset, kept here and set with ``H5Dset_extent``.
+
+    h5py's ``shape`` and ``resize`` ask HDF5 for the dataspace on every call: 9 and 25 us, against
+    3 us for ``set_extent`` alone. A compressed file grows its data by one image per image, a raw
+    file its data and metadata once per chunk: that was most of the Python around each write.
+    """
+
+    def __init__(self, dataset: h5py.Dataset) -> None:
+        self._id = dataset.id
+        self._rest = dataset.shape[1:]
+        self.n = dataset.shape[0]
+
+    def set(self, n: int) -> None:
+        self._id.set_extent((n, *self._rest))
+        self.n = n
+
+
 class ImageFile:
     """One writer's raw file (see module docstring). Not thread-safe: one owner, one thread."""
 
@@ -205,6 +223,8 @@ class ImageFile:
         self._data = h5file[f"{detector_name}/data"]
         self._metadata = h5file[f"{detector_name}/metadata"]
         self._dsid = self._data.id
+        self._data_extent = _Extent(self._data)
+        self._metadata_extent = _Extent(self._metadata)
         self._image_n_bytes = shape[0] * shape[1] * dtype.itemsize
         self._guard = _SpaceGuard(path)
         self._count = 0          # images accepted (on disk or in the chunk being filled)
@@ -400,7 +420,7 @@ class ImageFile:
         self._count += 1
         try:
             self._guard.check(len(blob), self._file.id.get_filesize())
-            self._data.resize(index + 1, axis=0)
+            self._data_extent.set(index + 1)
             self._dsid.write_direct_chunk((index, 0, 0), blob)
         except (OSError, RuntimeError) as exc:
             self._fail(exc, index)
@@ -427,14 +447,14 @@ class ImageFile:
         n_bytes = self._chunk.nbytes if not self._chunk_on_disk else 0
         try:
             self._guard.check(n_bytes, self._file.id.get_filesize())
-            if self._data.shape[0] < self._count:
-                self._data.resize(self._count, axis=0)
+            if self._data_extent.n < self._count:
+                self._data_extent.set(self._count)
             if self.direct:
                 self._dsid.write_direct_chunk((first, 0, 0), self._chunk if source is None else source)
             else:
                 self._data[first:self._count] = self._chunk[:self._in_chunk]
             if verify is not None and not verify():
-                self._data.resize(self._written, axis=0)
+                self._data_extent.set(self._written)
                 return False
             self._written = self._count
             self._write_rows()
@@ -449,10 +469,11 @@ class ImageFile:
         n = self._n_rows
         if not n:
             return
-        start = self._metadata.shape[0]
+        extent = self._metadata_extent
+        start = extent.n
         rows, chunk, write = self._rows, self._metadata_chunk, self._metadata.id.write_direct_chunk
         try:
-            self._metadata.resize(start + n, axis=0)
+            extent.set(start + n)
             done = 0
             while done < n:
                 first, offset = divmod(start + done, METADATA_CHUNK_ROWS)
@@ -465,7 +486,7 @@ class ImageFile:
         except (OSError, RuntimeError):
             # the images of these rows are not kept either: no image without its metadata row
             with contextlib.suppress(OSError, RuntimeError):
-                self._metadata.resize(start, axis=0)
+                extent.set(start)
             self._written = min(self._written, start)
             raise
         self._n_rows = 0
@@ -473,7 +494,7 @@ class ImageFile:
     def _fail(self, exc: BaseException, first_lost: int) -> None:
         """Remember the failure; the images from ``first_lost`` on are lost; raise WriteFailed."""
         lost_rows = self._rows[:self._n_rows]
-        written_rows = max(0, first_lost - self._metadata.shape[0])
+        written_rows = max(0, first_lost - self._metadata_extent.n)
         lost_ids = tuple(int(i) for i in lost_rows["image_id"][written_rows:])
         self._n_rows = written_rows
         self._count = self._written = first_lost
@@ -514,8 +535,8 @@ class ImageFile:
             error = exc
         try:
             if self.failure is not None:
-                self._data.resize(self._written, axis=0)
-                self._metadata.resize(min(self._metadata.shape[0], self._written), axis=0)
+                self._data_extent.set(self._written)
+                self._metadata_extent.set(min(self._metadata_extent.n, self._written))
         except (OSError, RuntimeError) as exc:
             error = error or StorageError(f"cannot trim {self.path}: {exc}")
         finally:
@@ -578,6 +599,7 @@ class MetadataFile:
         self.kind = DETECTOR_KIND[detector_type]
         self._file = h5file
         self._dataset = h5file[f"{detector_name}/metadata"]
+        self._extent = _Extent(self._dataset)
         self._dtype = self._dataset.dtype
         self._fields = [name for name, _ in DETECTOR_FIELDS[self.kind]]
         self._rows = np.zeros(METADATA_CHUNK_ROWS, self._dtype)
@@ -634,10 +656,10 @@ class MetadataFile:
         n = self._n_rows
         if not n:
             return
-        start = self._dataset.shape[0]
+        start = self._extent.n
         try:
             self._guard.check(n * self._dtype.itemsize, self._file.id.get_filesize())
-            self._dataset.resize(start + n, axis=0)
+            self._extent.set(start + n)
             self._dataset[start:start + n] = self._rows[:n]
         except (OSError, RuntimeError) as exc:
             lost = tuple(int(i) for i in self._rows["image_id"][:n])
@@ -647,7 +669,7 @@ class MetadataFile:
                 else _describe_os_error(exc, self.path)
             self.failure = reason
             try:
-                self._dataset.resize(start, axis=0)
+                self._extent.set(start)
             except (OSError, RuntimeError):
                 pass
             raise WriteFailed(f"metadata of {len(lost)} image(s) not written ({_id_ranges(lost)}): {reason}", lost) from None
