@@ -10,6 +10,9 @@ image) to a plain file. Figures (issue 5, goal >= 0.9x the baseline and >= 1 GB/
 - context: a bare h5py loop of this file layout (same chunks, alignment, SWMR; no metadata, no
   checks), the least any HDF5 writer does: what is between it and the raw write is HDF5's, what
   is between the writer and it is the service's.
+A compressed source (480x128 noise, h5bitshuffle-lz4: one chunk per image) is measured the same
+way, the process against a raw ``f.write`` of the same blobs (no goal in issue 5; a compressed
+stream has tens of thousands of small images a second, so what the writer spends per image shows).
 Nothing fsyncs: all measure writing into the file system (page cache). The candidates run
 interleaved, REPEATS times, each after ``settle()``; the figure is the best run of each (noise on
 a shared VM only slows runs down), and the median of the run-by-run ratios is printed beside it.
@@ -31,29 +34,42 @@ from common import make_config, report, spawn
 
 from stddaq.bus import ImagePublisher, image_metadata
 from stddaq.bus.sockets import unlink_ipc
-from stddaq.patterns import Ramp
+from stddaq.formats.compression import bitshuffle_lz4_encode
+from stddaq.patterns import Noise, Ramp
 from stddaq.protocol import (
     CloseFile,
     ConfirmLastImageWritten,
     CreateFileCommand,
+    ImageMetadataCompression,
     RecordImage,
     ResponseCode,
     WriterAction,
     WriterResponse,
 )
 from stddaq.storage import ImageFile
-from stddaq.storage.hdf5 import LIBVER, raw_chunk_layout
+from stddaq.storage.hdf5 import LIBVER, NONE, raw_chunk_layout
 
 REPEATS = 8
 
 
-def _fill(publisher: ImagePublisher, config, n_images: int) -> None:
-    ramp = Ramp(config.shape, config.dtype)
+def _fill(publisher: ImagePublisher, config, n_images: int) -> list[int]:
+    """Publish images 0..n_images-1 (ramp pixels; noise compressed with h5bitshuffle-lz4 for the
+    compressed channel); returns each image's size in bytes."""
     metadata = image_metadata(config)
     pixels = np.empty(config.shape, config.dtype)
-    for image_id in range(n_images):
+    sizes = []
+    if publisher.suffix == "image":
+        ramp = Ramp(config.shape, config.dtype)
+        blobs = (ramp.fill(image_id, pixels) for image_id in range(n_images))
+    else:
+        noise = Noise(config.shape, config.dtype)
+        metadata.compression = ImageMetadataCompression.h5bitshuffle_lz4
+        blobs = (bitshuffle_lz4_encode(noise.fill(image_id, pixels)) for image_id in range(n_images))
+    for image_id, blob in enumerate(blobs):
         metadata.image_id = image_id
-        publisher.publish_image(metadata, ramp.fill(image_id, pixels))
+        publisher.publish_image(metadata, blob)
+        sizes.append(metadata.size)
+    return sizes
 
 
 def settle(n_bytes: int) -> None:
@@ -75,16 +91,17 @@ def settle(n_bytes: int) -> None:
     del scratch
 
 
-def raw_write(publisher: ImagePublisher, n_images: int, n_bytes: int, path: Path) -> float:
-    """GB/s of f.write of the slots (the baseline)."""
-    settle(n_images * n_bytes)
+def raw_write(publisher: ImagePublisher, sizes: list[int], path: Path) -> float:
+    """GB/s of f.write of the slots (the baseline): one write per image of its bytes."""
+    n_bytes = sum(sizes)
+    settle(n_bytes)
     start = time.perf_counter()
     with open(path, "wb") as f:
-        for image_id in range(n_images):
-            f.write(publisher.buffer.slot_bytes(image_id, n_bytes))
+        for image_id, size in enumerate(sizes):
+            f.write(publisher.buffer.slot_bytes(image_id, size))
     seconds = time.perf_counter() - start
     path.unlink()
-    return n_images * n_bytes / seconds / 1e9
+    return n_bytes / seconds / 1e9
 
 
 def bare_h5py(publisher: ImagePublisher, config, n_images: int, path: Path) -> float:
@@ -123,6 +140,18 @@ def image_file(publisher: ImagePublisher, config, n_images: int, path: Path, dir
     return n_images * config.image_n_bytes / seconds / 1e9
 
 
+def record_messages(config, sizes: list[int], compression: int) -> list[bytes]:
+    """The serialized record_image commands of images 0.. with these sizes (made before the clock)."""
+    action = WriterAction(record_image=RecordImage(image_metadata=image_metadata(config)))
+    metadata = action.record_image.image_metadata
+    metadata.compression = compression
+    records = []
+    for image_id, size in enumerate(sizes):
+        metadata.image_id, metadata.size = image_id, size
+        records.append(action.SerializeToString())
+    return records
+
+
 class WriterService:
     """A real ``std_det_writer`` process driven through its sockets, kept for all its runs.
 
@@ -130,7 +159,7 @@ class WriterService:
     made (and its pages populated) once, by a first unmeasured run, not once per measured run.
     """
 
-    def __init__(self, config, config_path: Path) -> None:
+    def __init__(self, config, config_path: Path, suffix: str = "image") -> None:
         self.config = config
         self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
@@ -141,7 +170,7 @@ class WriterService:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.connect(config.ipc_address("writer-0"))
-        self.proc = spawn("-m", "stddaq.services.writer", config_path, 0)
+        self.proc = spawn("-m", "stddaq.services.writer", config_path, 0, "-s", suffix)
 
     def _command(self, action: WriterAction, what: str, timeout_s: float) -> WriterResponse:
         self.push.send(action.SerializeToString())
@@ -149,19 +178,17 @@ class WriterService:
             raise RuntimeError(f"the writer did not answer {what}")
         return WriterResponse.FromString(self.pull.recv())
 
-    def run(self, n_images: int, path: Path) -> float:
-        """GB/s from the first record_image sent to the answer of confirm_last_image."""
-        config = self.config
+    def run(self, records: list[bytes], n_bytes: int, path: Path) -> float:
+        """GB/s from the first record_image sent (``records``, serialized) to the answer of
+        confirm_last_image."""
         answer = self._command(WriterAction(create_file=CreateFileCommand(path=str(path))), "create_file", 30)
         if answer.code != ResponseCode.SUCCESS:
             raise RuntimeError(answer.reason)
-        action = WriterAction(record_image=RecordImage(image_metadata=image_metadata(config)))
         try:
-            settle(n_images * config.image_n_bytes)
+            settle(n_bytes)
             start = time.perf_counter()
-            for image_id in range(n_images):
-                action.record_image.image_metadata.image_id = image_id
-                self.push.send(action.SerializeToString())
+            for record in records:
+                self.push.send(record)
             answer = self._command(WriterAction(confirm_last_image=ConfirmLastImageWritten()), "confirm", 300)
             seconds = time.perf_counter() - start
             if answer.code != ResponseCode.SUCCESS:
@@ -170,7 +197,7 @@ class WriterService:
         finally:
             if path.exists():
                 path.unlink()
-        return n_images * config.image_n_bytes / seconds / 1e9
+        return n_bytes / seconds / 1e9
 
     def close(self) -> None:
         self.proc.terminate()
@@ -181,33 +208,47 @@ class WriterService:
         unlink_ipc(self.address)
 
 
-def bench(height: int, width: int, n_images: int, directory: Path) -> None:
+def bench(height: int, width: int, n_images: int, directory: Path, suffix: str = "image") -> None:
+    """The writer against a raw write of its source's bytes; for the raw source (``image``) also
+    the in-process and bare h5py candidates that explain the gap."""
     config, config_path = make_config(height, width, n_slots=n_images, number_of_writers=1)
-    with ImagePublisher(config) as publisher:
-        _fill(publisher, config, n_images)
-        name = f"writer {height}x{width} uint16"
-        runs: dict[str, list[float]] = {"raw": [], "bare_h5py": [], "direct": [], "h5dwrite": [], "service": []}
-        raw_write(publisher, n_images, config.image_n_bytes, directory / "warmup.bin")  # unmeasured: the kernel's
+    raw_source = suffix == "image"
+    with ImagePublisher(config, suffix) as publisher:
+        sizes = _fill(publisher, config, n_images)
+        n_bytes = sum(sizes)
+        records = record_messages(config, sizes, NONE if raw_source else ImageMetadataCompression.h5bitshuffle_lz4)
+        name = f"writer {height}x{width} uint16" + ("" if raw_source else f" {suffix} (ratio {n_images * config.image_n_bytes / n_bytes:.1f})")
+        candidates = {"raw": lambda: raw_write(publisher, sizes, directory / "raw.bin")}
+        if raw_source:
+            candidates.update({
+                "bare_h5py": lambda: bare_h5py(publisher, config, n_images, directory / "bare.h5"),
+                "direct": lambda: image_file(publisher, config, n_images, directory / "direct.h5", direct=True),
+                "h5dwrite": lambda: image_file(publisher, config, n_images, directory / "h5dwrite.h5", direct=False)})
+        raw_write(publisher, sizes, directory / "warmup.bin")  # unmeasured: the kernel's
         # first writes after large deletes are several times slower, whoever comes first
-        service = WriterService(config, config_path)
-        service.run(n_images, directory / "service-warmup.h5")  # unmeasured: maps the RAM buffer
+        service = WriterService(config, config_path, suffix)
+        service.run(records, n_bytes, directory / "service-warmup.h5")  # unmeasured: maps the RAM buffer
+        candidates["service"] = lambda: service.run(records, n_bytes, directory / "service.h5")
+        runs: dict[str, list[float]] = {k: [] for k in candidates}
         for _ in range(REPEATS):  # interleaved; the best of each: on a shared VM noise only slows a run down
-            runs["raw"].append(raw_write(publisher, n_images, config.image_n_bytes, directory / "raw.bin"))
-            runs["bare_h5py"].append(bare_h5py(publisher, config, n_images, directory / "bare.h5"))
-            runs["direct"].append(image_file(publisher, config, n_images, directory / "direct.h5", direct=True))
-            runs["h5dwrite"].append(image_file(publisher, config, n_images, directory / "h5dwrite.h5", direct=False))
-            runs["service"].append(service.run(n_images, directory / "service.h5"))
+            for key, candidate in candidates.items():
+                runs[key].append(candidate())
         service.close()
         best = {k: max(v) for k, v in runs.items()}
         baseline = best["raw"]
         report(f"{name} std_det_writer process (best of {REPEATS})", best["service"], "GB/s", baseline,
-               ">= 0.9 and >= 1 GB/s")
-        report(f"{name} std_det_writer process vs bare h5py (best of {REPEATS})", best["service"], "GB/s",
-               best["bare_h5py"], "context: what the service adds to HDF5 itself")
-        report(f"{name} bare h5py direct chunk writes, SWMR (best of {REPEATS})", best["bare_h5py"], "GB/s", baseline,
-               "context: HDF5's own cost")
-        report(f"{name} ImageFile direct chunk writes (best of {REPEATS})", best["direct"], "GB/s", baseline, ">= 0.9")
-        report(f"{name} ImageFile H5Dwrite (best of {REPEATS})", best["h5dwrite"], "GB/s", baseline, "(comparison)")
+               ">= 0.9 and >= 1 GB/s" if raw_source else "context: no goal for compressed sources")
+        if raw_source:
+            report(f"{name} std_det_writer process vs bare h5py (best of {REPEATS})", best["service"], "GB/s",
+                   best["bare_h5py"], "context: what the service adds to HDF5 itself")
+            report(f"{name} bare h5py direct chunk writes, SWMR (best of {REPEATS})", best["bare_h5py"], "GB/s",
+                   baseline, "context: HDF5's own cost")
+            report(f"{name} ImageFile direct chunk writes (best of {REPEATS})", best["direct"], "GB/s", baseline,
+                   ">= 0.9")
+            report(f"{name} ImageFile H5Dwrite (best of {REPEATS})", best["h5dwrite"], "GB/s", baseline,
+                   "(comparison)")
+        else:
+            print(f"  images/s of the process: {best['service'] * 1e9 / (n_bytes / n_images):,.0f}", flush=True)
         print("  every run, GB/s: " + "; ".join(f"{k} " + " ".join(f"{x:.2f}" for x in v) for k, v in runs.items()),
               flush=True)
         paired = {k: float(np.median(np.array(v) / np.array(runs["raw"]))) for k, v in runs.items() if k != "raw"}
@@ -222,6 +263,7 @@ def main() -> None:
     try:
         bench(128, 480, 2000, directory)
         bench(2016, 2016, 150, directory)
+        bench(128, 480, 10000, directory, "h5bitshuffle-lz4")
     finally:
         if "STDDAQ_BENCH_DIR" not in os.environ:
             shutil.rmtree(directory, ignore_errors=True)
