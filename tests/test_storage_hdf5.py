@@ -180,6 +180,55 @@ def test_a_borrowed_slot_overwritten_is_dropped_never_written(tmp_path, when) ->
     assert all(np.array_equal(data[k], ramp(i, SHAPE, DT)) for k, i in enumerate([0, 2, 3, 4, 5]))
 
 
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_borrowed_compressed_slot_is_written_in_place_and_taken_back_when_overwritten(tmp_path, when) -> None:
+    """A compressed blob borrowed from its slot is written from the slot (no copy); one whose slot
+    is overwritten before or while it is written is not kept (False), and the next image takes its
+    place: the file holds exactly the intact images, decoded exact."""
+    n_slots = 4
+    slots = np.zeros((n_slots, IMAGE_BYTES), np.uint8)
+    seq = np.full(n_slots, -1, np.int64)
+
+    def put(image_id: int) -> np.ndarray:
+        blob = bitshuffle_lz4_encode(ramp(image_id, SHAPE, DT))
+        slot = image_id % n_slots
+        slots[slot, :blob.size] = blob
+        seq[slot] = image_id
+        return slots[slot, :blob.size]
+
+    def intact(image_id: int):
+        return lambda: seq[image_id % n_slots] == image_id
+
+    path = tmp_path / "c.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, compression=BITSHUFFLE_LZ4)
+    write, sources = f._dsid.write_direct_chunk, []
+
+    class Dsid:  # sees what is written; overwrites image 1's slot while it is written ("during")
+        def __getattr__(self, name):
+            return getattr(write.__self__, name)
+
+        def write_direct_chunk(self, offset, chunk):
+            sources.append(chunk)
+            write(offset, chunk)
+            if when == "during" and seq[1] == 1:
+                put(1 + n_slots)
+
+    f._dsid = Dsid()
+    assert f.append(0, 1, put(0), intact(0), borrowed=True)
+    assert np.shares_memory(sources[0], slots)  # written from the slot
+    blob = put(1)
+    if when == "before":
+        put(1 + n_slots)
+    assert not f.append(1, 1, blob, intact(1), borrowed=True)
+    assert f.count == 1 and f.written == 1
+    for image_id in (2, 3):
+        assert f.append(image_id, 1, put(image_id), intact(image_id), borrowed=True)
+    f.close()
+    data, meta = _read(path)
+    assert [int(i) for i in meta["image_id"]] == [0, 2, 3]
+    assert all(np.array_equal(data[k], ramp(i, SHAPE, DT)) for k, i in enumerate([0, 2, 3]))
+
+
 @pytest.mark.parametrize("compression,encode", [(BITSHUFFLE_LZ4, bitshuffle_lz4_encode), (BLOSC2, blosc2_encode)])
 def test_compressed_blobs_decode_with_plain_h5py_and_hdf5plugin(tmp_path, compression, encode) -> None:
     path = tmp_path / "c.h5"
