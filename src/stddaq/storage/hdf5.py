@@ -14,10 +14,14 @@
 
 Alignment: H5Pset_alignment to the GPFS block size would make a file of small compressed
 chunks hundreds of times too big, and even for raw chunks of about a block it leaves a hole of up
-to a block after the file header. So only raw chunks are aligned, to the largest power of two
-<= min(block size, 1 MiB) that wastes at most 0.5% per chunk: chunk starts stay on GPFS
-sub-block boundaries, and a file is at most 1% plus one partly filled chunk above its image bytes
-(tested). Compressed chunks and metadata are never aligned.
+to a block after the file header. So only raw chunks are aligned, to a power of two <= min(block
+size, 1 MiB): the largest that divides the chunk size (480x128 images: 64 KiB; 2016x2016: 4 KiB),
+so that chunks follow one another with no padding between them. Writing with a padding hole after
+every chunk measured 5-10% slower on ext4 here (h5py, same chunks, 20 interleaved runs: 2016x2016
+best 4.36 against 4.81 GB/s without holes, 480x128 4.45 against 4.70). A chunk size that is not a
+multiple of a page gets the largest alignment that wastes at most 0.5% per chunk. Chunk starts
+stay on page (and where possible GPFS sub-block) boundaries, and a file is at most 1% plus one
+partly filled chunk above its image bytes (tested). Compressed chunks and metadata are never aligned.
 
 Disk full: before writing, a file checks that the bytes it is about to write fit the free space
 of its file system (and the process' RLIMIT_FSIZE) with a reserve for HDF5's own metadata, and
@@ -80,8 +84,16 @@ def chunk_images(image_n_bytes: int, gpfs_block_size: int) -> int:
 
 
 def chunk_alignment(chunk_n_bytes: int, gpfs_block_size: int, max_waste: float = 0.005) -> int:
-    """The largest power of two <= min(block size, 1 MiB) whose padding wastes at most ``max_waste``."""
-    alignment = 1 << (max(min(gpfs_block_size, ALIGNMENT_CAP), 1).bit_length() - 1)
+    """Where raw chunks start: a power of two <= min(block size, 1 MiB) (see the module docstring).
+
+    The largest that divides the chunk size, if that is at least a page (4096): chunks then follow
+    one another without padding. Else the largest whose padding wastes at most ``max_waste``.
+    """
+    cap = 1 << (max(min(gpfs_block_size, ALIGNMENT_CAP), 1).bit_length() - 1)
+    dividing = min(cap, chunk_n_bytes & -chunk_n_bytes)
+    if dividing >= 4096:
+        return dividing
+    alignment = cap
     while alignment > 4096:
         padding = -chunk_n_bytes % alignment
         if padding <= max_waste * chunk_n_bytes:
