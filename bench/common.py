@@ -7,8 +7,10 @@ shared and noisy.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ def make_config(height: int, width: int, *, n_slots: int, detector_type: str = "
             "image_pixel_height": height, "image_pixel_width": width, "bit_depth": bit_depth,
             "stats_collection_period": 60, "ram_buffer_slots": n_slots, "log_level": "warning", **extra}
     path = Path(tempfile.mkdtemp(prefix="stddaq-bench-")) / "detector.json"
+    atexit.register(shutil.rmtree, path.parent, True)  # benches make one per trial: none is left behind
     path.write_text(json.dumps(data))
     return DetectorConfig.load(path), path
 
