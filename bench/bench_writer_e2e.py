@@ -5,6 +5,12 @@ Figure (issue 5): the highest simulator rate at which a recording of one second 
 end the run in error or leave a gap). Baseline, same run: the rate at which a bare ImageSubscriber
 reads the same simulator at full speed (the bus alone), so the ratio is the cost of the driver,
 the writers and the disk.
+
+Two figures: as is, and with page-cache memory made ready before each recording (``settle`` of
+bench_writer). On this VM freed memory goes back to the host, and the first touch of it costs a
+host page fault inside the writers' file writes: measured, a 16 MiB chunk write then took 57 ms on
+average (0.3 GB/s) instead of 3-5 ms. The second figure is what the services sustain when memory
+is the guest's, as on a real DAQ server; the first is what this VM gives.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from bench_writer import settle
 from common import Timer, make_config, report
 
 from stddaq.bus import ImageSubscriber
@@ -64,11 +71,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_rate(path: Path, det: str, url: str, rate: int, run_dir: Path) -> tuple[bool, str]:
+def one_rate(path: Path, det: str, url: str, rate: int, run_dir: Path, warm: bool) -> tuple[bool, str]:
     n_image = int(rate * SECONDS)
     sim = _spawn("stddaq.services.simulator", path, "--rate", rate)
     try:
         time.sleep(0.5)
+        if warm:
+            settle(n_image * HEIGHT * WIDTH * 2)
         result = record(url, str(run_dir), n_image=n_image, file_prefix=f"r{rate}_")
         if not result.ok:
             return False, f"{result.status}: {result.reason}"
@@ -91,22 +100,24 @@ def main() -> int:
     driver = _spawn("stddaq.services.driver", path, "--host", "127.0.0.1", "-p", port)
     run_dir = Path(tempfile.mkdtemp(prefix="stddaq-bench-writer-"))
     url = f"ws://127.0.0.1:{port}"
-    best = 0
+    best = {False: 0, True: 0}
     try:
         time.sleep(2.0)  # writers connect to the driver
-        for rate in RATES:
-            ok, why = one_rate(path, config.detector_name, url, rate, run_dir)
-            print(f"  {rate} Hz x {SECONDS:g} s: {why}", flush=True)
-            if not ok:
-                break
-            best = rate
+        for warm in (False, True):
+            for rate in RATES:
+                ok, why = one_rate(path, config.detector_name, url, rate, run_dir, warm)
+                print(f"  {rate} Hz x {SECONDS:g} s{', memory made ready' if warm else ''}: {why}", flush=True)
+                if not ok:
+                    break
+                best[warm] = rate
     finally:
         _stop([driver, *writers])
         shutil.rmtree(run_dir, ignore_errors=True)
     mb = HEIGHT * WIDTH * 2 / 1e6
-    report(f"writer e2e 2 writers {HEIGHT}x{WIDTH} uint16, zero lost", best, "images/s", baseline,
-           f"as high as possible; {best * mb:.0f} MB/s written")
-    return 0 if best else 1
+    for warm, what in ((False, "as is"), (True, "page-cache memory made ready")):
+        report(f"writer e2e 2 writers {HEIGHT}x{WIDTH} uint16, zero lost, {what}", best[warm], "images/s", baseline,
+               f"as high as possible; {best[warm] * mb:.0f} MB/s written")
+    return 0 if best[False] and best[True] else 1
 
 
 if __name__ == "__main__":
