@@ -427,8 +427,12 @@ class ImageFile:
         # A borrowed blob (a slot the caller keeps in place, see append) is written from where it
         # is and checked after the write, as a borrowed raw run; copying it first cost about as
         # much as the rest of the Python around the write (6 us for a 60 kB blob).
-        in_place = borrowed and intact is not None and self._frame is None and isinstance(data, np.ndarray)
+        # (only a flat contiguous byte view: h5py refuses other arrays, after the row was added)
+        in_place = (borrowed and intact is not None and self._frame is None and isinstance(data, np.ndarray)
+                    and data.ndim == 1 and data.dtype == np.uint8 and data.flags.c_contiguous)
         if in_place:
+            if not intact():
+                return False  # overwritten already: not written at all
             blob = data
         else:
             blob = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
