@@ -129,6 +129,7 @@ class ServiceProcess:
         return self.proc.communicate(timeout=30)
 
     def stop(self, timeout: float = 10) -> int:
+        killed = False
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -136,7 +137,11 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.communicate()
+                killed = True
+        _, err = self.proc.communicate()
+        if killed:  # shown with the test's teardown: a killed service cleans nothing up
+            print(f"{' '.join(self.argv[2:4])}: killed, it did not exit within {timeout:g} s of SIGTERM; "
+                  f"its last log lines:\n{(err or '')[-3000:]}", file=sys.stderr)
         return self.proc.returncode
 
     def __enter__(self) -> ServiceProcess:

@@ -267,6 +267,11 @@ class WriterDriver(Service):
                  self.config.ipc_address(self.suffix))
 
     def _close(self) -> None:
+        # the writer links first (their sockets are the data loop's, which has ended): their ipc
+        # names are gone at once, even if the websocket thread below takes its time or a
+        # supervisor kills this process while it does
+        for link in self._all_links():
+            link.close()
         loop, shutdown = self._loop, self._shutdown
         if loop is not None and shutdown is not None and not loop.is_closed():
             try:
@@ -276,8 +281,6 @@ class WriterDriver(Service):
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
-        for link in self._all_links():
-            link.close()
         self.links, self.meta_link = [], None
 
     def _all_links(self) -> list[WriterLink]:
