@@ -313,8 +313,9 @@ class ImageFile:
         after that write. An image found overwritten then is dropped from its chunk (never written
         as good) and reported through ``on_dropped``; the others are copied and kept. Copying a
         chunk costs about half as much CPU as writing it into the page cache, so without this a
-        file cannot keep up with a raw write. Compressed files: the blob is written from the slot
-        and ``intact()`` checked after the write; an overwritten one is taken back (False).
+        file cannot keep up with a raw write. Compressed files: a flat contiguous byte view is
+        written from the slot, ``intact()`` checked before and after; an overwritten one is taken
+        back (False).
         ``address``: where ``data`` starts, if the caller knows it (``RamBuffer.slot_address`` of
         the slot ``data`` views; numpy takes about 2 us to tell it). It must be exact: borrowed runs
         are written from consecutive addresses.
@@ -424,10 +425,10 @@ class ImageFile:
         return True
 
     def _append_compressed(self, image_id: int, status: int, data, intact, borrowed: bool) -> bool:
-        # A borrowed blob (a slot the caller keeps in place, see append) is written from where it
-        # is and checked after the write, as a borrowed raw run; copying it first cost about as
+        # A borrowed blob (a slot the caller keeps in place, see append) that is a flat contiguous
+        # byte view (h5py refuses other arrays) is written from where it is, its guard checked
+        # before and after the write as for a borrowed raw run: copying it first cost about as
         # much as the rest of the Python around the write (6 us for a 60 kB blob).
-        # (only a flat contiguous byte view: h5py refuses other arrays, after the row was added)
         in_place = (borrowed and intact is not None and self._frame is None and isinstance(data, np.ndarray)
                     and data.ndim == 1 and data.dtype == np.uint8 and data.flags.c_contiguous)
         if in_place:
