@@ -28,8 +28,8 @@ is fed at a fixed fraction of the library-alone rate (first the goal, 0.9x, then
 between 0.2x and 1.3x; the stage's and the baseline's trials alternate); a trial passes when
 every image comes out (no id missing, none lost) and the output rate keeps up with the rate
 asked of the source (>= 97% of it); a rate counts as failed when a retry at it fails too. A
-consumer that only fell behind by less than a ring's worth would otherwise look fine, and a source fed faster
-than the stage makes the stage waste work on slots that get overwritten, which measures the
+consumer that only fell behind by less than a ring's worth would otherwise look fine, and a
+source fed faster than the stage makes the stage waste work on slots that get overwritten, which measures the
 overrun rather than the stage. The source writes several passes over its ring; the first pass
 is not timed (a slot's first use pays page faults that a running deployment has long paid). The
 figure printed is the source rate of the best passing trial (the trials are listed).

@@ -16,8 +16,8 @@ Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it split
 batches of about 1 MiB, hands N - 1 of every N batches to N - 1 worker threads and compresses
 the other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and
 publishes the results in the order the images came, so readers of the output see ids in
-source order. At most ``2 * N`` batches are in flight, fewer
-images than slots, and never two with the same output slot. When the loop thread would wait
+source order. At most ``2 * N`` batches are in flight, fewer images than slots, and never two
+with the same output slot. When the loop thread would wait
 (nothing to receive, or too much in flight) and a batch handed to a worker has not been started
 yet, the loop thread takes it back and compresses it itself: on a loaded machine the workers
 may wait for a core, and the loop thread waited idle for them (A/B at 480x128 blosc2 -t 2,
