@@ -139,6 +139,15 @@ def compress_into(codec: Codec, image: Image, slot: np.ndarray, slot_address: in
     return outcome, n_bytes
 
 
+def give_up_margin(n_slots: int, threads: int) -> int:
+    """Give an image up when its slot is overwritten within this many images (module docstring):
+    one more than the threads compressing at once (while a thread compresses one image, a
+    producer about as fast writes about one per thread), a quarter of the ring at most on tiny
+    rings; on large rings 1/32 of the ring (the stage is hopelessly behind by then). Below
+    ``n_slots``: on a 1-slot ring it is 0, and only an image already being overwritten is given up."""
+    return min(n_slots - 1, max(1, min(threads + 1, n_slots // 4), n_slots // 32))
+
+
 class Compressor(Service):
     """Reads ``<det>-<source>``, writes ``<det>-<codec suffix>`` (see module docstring)."""
 
@@ -156,12 +165,7 @@ class Compressor(Service):
         self.max_in_flight = max(1, min(2 * threads * self.batch_images, config.n_slots - 1))
         self._in_flight = 0
         self._turn = 0  # which of the THREADS compresses the next batch (0: the loop thread)
-        #: give an image up when its slot is overwritten within this many images (module docstring):
-        #: one more than the threads compressing at once (while a thread compresses one image, a
-        #: producer about as fast writes about one per thread), a quarter of the ring at most on
-        #: tiny rings; on large rings 1/32 of the ring (the stage is hopelessly behind by then).
-        #: Below n_slots: on a 1-slot ring it is 0, and only an image already being overwritten is given up.
-        self.margin = min(config.n_slots - 1, max(1, min(threads + 1, config.n_slots // 4), config.n_slots // 32))
+        self.margin = give_up_margin(config.n_slots, threads)
         self.subscriber: ImageSubscriber | None = None
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
