@@ -12,17 +12,21 @@ we read it, the result is thrown away and the image counted ``lost`` (never publ
 compressed image bigger than the slot (incompressible data) is counted ``too_big`` and not
 published. The output channel has the source's slot size and slot count.
 
+An output slot holds one image from the moment its compression starts until its metadata is
+published (or the image is dropped): an image whose output slot is still held (by one in flight,
+or by one finished and waiting in the outbox) waits until that one is published. Otherwise a
+tiny ring, or a new run whose ids start again while earlier images wait to be published, would
+publish an image over a slot that already holds another's bytes, with the guard saying complete.
+
 Threads: with ``-t 1`` the loop thread compresses itself; with ``-t N`` it splits images in
 batches of about 1 MiB, hands N - 1 of every N batches to N - 1 worker threads and compresses
-the other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and
-publishes the results in the order the images came, so readers of the output see ids in
-source order. At most ``2 * N`` batches are in flight, fewer images than slots, and never two
-with the same output slot. When the loop thread would wait
+the other itself (the codecs release the GIL, see ``stddaq.formats.compression``), and publishes
+the results in the order the images came, so readers of the output see ids in source order. At
+most ``2 * N`` batches are in flight, fewer images than slots. When the loop thread would wait
 (nothing to receive, or too much in flight) and a batch handed to a worker has not been started
-yet, the loop thread takes it back and compresses it itself: on a loaded machine the workers
-may wait for a core, and the loop thread waited idle for them (A/B at 480x128 blosc2 -t 2,
-10-11 kHz, 6 rounds each: 98-120 us CPU per image against 113-128; 4 rounds with zero lost
-against 2).
+yet, the loop thread takes it back and compresses it itself: on a loaded machine the workers may
+wait for a core, and the loop thread waited idle for them (A/B at 480x128 blosc2 -t 2, 10-11
+kHz, 6 rounds each: 98-120 us CPU per image against 113-128; 4 rounds with zero lost against 2).
 
 Falling behind: an image whose source slot the producer will overwrite within ``margin`` images
 (it is already nearly a ring ahead) is given up before it is compressed, counted ``lost`` with a
@@ -170,7 +174,9 @@ class Compressor(Service):
         self.publisher: ImagePublisher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[list[Image], Future]] = deque()
-        self._pending_slots: set[int] = set()
+        #: output slots of the images taken in and not yet published or dropped: a slot is written
+        #: by one image at a time, and its image must be published before another one is written there
+        self._held_slots: set[int] = set()
         self._outbox: list = []  # metadata of finished images, published by _flush
         self._next_wait_log = 0.0
         self._source_seen = False
@@ -219,7 +225,7 @@ class Compressor(Service):
             self._flush()
         self._outbox.clear()
         self._pending.clear()
-        self._pending_slots.clear()
+        self._held_slots.clear()
         self._in_flight = 0
         if self.subscriber is not None:
             self.subscriber.close()
@@ -267,6 +273,7 @@ class Compressor(Service):
         receive, process = self.subscriber.receive, self._process
         end = time.monotonic() + 0.05
         account, flush = self._account, self._flush
+        held, n_slots = self._held_slots, self.config.n_slots
         while True:
             image = receive(timeout=0)
             if image is None:  # nothing waiting: send what is done before blocking
@@ -274,6 +281,8 @@ class Compressor(Service):
                 image = receive(timeout=0.05)
                 if image is None:
                     break
+            if image.image_id % n_slots in held:  # a finished image waiting to be published has that slot
+                flush()
             account(image, *process(image))
             if time.monotonic() >= end or self.stopping:
                 break
@@ -303,17 +312,20 @@ class Compressor(Service):
         three Python threads on 2 cores that cost a thread switch per image. Images go in
         batches because a hand-off between threads costs tens of microseconds, as much as
         compressing a small image."""
-        n_slots = self.publisher.layout.n_slots
-        taken = self._pending_slots
+        n_slots = self.config.n_slots
+        taken = self._held_slots
         for index, image in enumerate(batch):
             slot = image.image_id % n_slots
-            if slot in taken:  # two in-flight images must never share an output slot
+            if slot in taken:  # an image in flight or unpublished has that output slot: it goes out first
                 for earlier in batch[:index]:
                     taken.discard(earlier.image_id % n_slots)
                 if index:
                     self._submit(batch[:index])
                 while slot in taken:
-                    self._finish(*self._pending.popleft())
+                    if self._pending:
+                        self._finish(*self._pending.popleft())
+                    else:
+                        self._flush()
                 self._submit(batch[index:])
                 return
             taken.add(slot)
@@ -342,10 +354,7 @@ class Compressor(Service):
         return False
 
     def _finish(self, batch: list[Image], future: Future) -> None:
-        n_slots = self.publisher.layout.n_slots
         self._in_flight -= len(batch)
-        for image in batch:
-            self._pending_slots.discard(image.image_id % n_slots)
         try:
             outcomes = future.result()
         except Exception as exc:  # noqa: BLE001 - _process catches per image; this is the pool failing
@@ -354,15 +363,20 @@ class Compressor(Service):
             self._account(image, *outcome)
 
     def _account(self, image: Image, outcome: str, n_bytes: int | str) -> None:
-        """Count the outcome and publish what may go on (called in source order)."""
+        """Count the outcome and publish what may go on (called in source order). The image's
+        output slot stays held until it is published (``_flush``), or is let go here if the image
+        will not be."""
         counters, metadata = self.counters, image.metadata
+        slot = image.image_id % self.config.n_slots
+        if outcome not in (COMPRESSED, FORWARDED):
+            self._held_slots.discard(slot)
         if outcome == ERROR:
             counters.add(ERROR)
             self.last_error = f"image {image.image_id}: {n_bytes}"
             counters.warn(ERROR, log, "%s; not published", self.last_error)
             return
-        if outcome == LOST:
-            self.subscriber.confirm(image)  # counts it lost
+        if outcome == LOST:  # compress_into saw its source overwritten: what it read may be torn
+            self.subscriber.give_up(image)  # counts it lost
             return
         if outcome == GIVEN_UP:
             self.subscriber.give_up(image)
@@ -385,6 +399,7 @@ class Compressor(Service):
             counters.add("not_good")
         else:
             counters.add("passed_through")  # a good image already compressed at the source
+        self._held_slots.add(slot)
         outbox = self._outbox
         outbox.append(metadata)
         if len(outbox) >= self.batch_images:
@@ -395,9 +410,10 @@ class Compressor(Service):
         libzmq's I/O thread one wake-up and one write instead of one each per image."""
         outbox = self._outbox
         if outbox:
-            publish = self.publisher.publish
+            publish, held, n_slots = self.publisher.publish, self._held_slots, self.config.n_slots
             for metadata in outbox:
                 publish(metadata)
+                held.discard(metadata.image_id % n_slots)
             outbox.clear()
 
 
