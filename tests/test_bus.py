@@ -168,6 +168,30 @@ def test_reader_follows_a_restarted_writer(make_config) -> None:
         ctx.term()
 
 
+def test_a_writer_caught_while_it_re_creates_its_buffer_is_waited_for(make_config) -> None:
+    """A restarting writer first claims the name with an empty object, then sizes it. A reader
+    that looks in that moment keeps the buffer it has (no exception out of receive) and takes
+    the new one once it is there."""
+    import os
+
+    from stddaq.bus.ram_buffer import _claim, _unlink
+
+    config, _ = make_config()
+    with ImagePublisher(config) as publisher, ImageSubscriber(config) as subscriber:
+        subscriber.attach()
+        old = subscriber.buffer
+        _unlink(publisher.layout.name)  # the writer is gone; its restart has claimed the name
+        fd = _claim(publisher.layout.name)
+        try:
+            assert subscriber._replaced(force=True) is False
+            assert subscriber.buffer is old and old.sequence is not None  # still mapped
+            os.ftruncate(fd, publisher.layout.n_bytes)  # now it is there
+            assert subscriber._replaced(force=True) is True and subscriber.buffer is not old
+        finally:
+            os.close(fd)
+            _unlink(publisher.layout.name)
+
+
 def test_publish_rejects_oversized_image(make_config) -> None:
     config, _ = make_config()
     with ImagePublisher(config) as publisher:

@@ -139,10 +139,12 @@ class ImageSubscriber:
                 time.sleep(0.05)
 
     def _attach(self) -> RamBuffer:
+        """Map the buffer now under the channel's name; the one mapped before is closed only once
+        the new one is mapped (BufferMissingError leaves it as it was)."""
+        new = RamBuffer.attach(self.layout, created_by=self.created_by)
         if self.buffer is not None:
             self.buffer.close()
-            self.buffer = None
-        self.buffer = RamBuffer.attach(self.layout, created_by=self.created_by)
+        self.buffer = new
         self._buffer_inode = _inode(self.layout.name)
         self._newest_stale = self.buffer.newest_id()
         return self.buffer
@@ -151,7 +153,9 @@ class ImageSubscriber:
         """The writer restarted: the name now points at a new shm object, re-map it.
 
         Checked when ids go back (forced) and at most every 0.2 s while slots look overwritten,
-        so a reader that is simply behind does not pay a stat() per image.
+        so a reader that is simply behind does not pay a stat() per image. A new object its writer
+        has not finished creating yet (size 0 for a moment) is not taken: False, and the buffer
+        mapped before stays.
         """
         now = time.monotonic()
         if not force and now < self._next_inode_check:
@@ -159,8 +163,11 @@ class ImageSubscriber:
         self._next_inode_check = now + 0.2
         inode = _inode(self.layout.name)
         if inode is not None and inode != self._buffer_inode:
-            log.info("/dev/shm/%s was re-created by its writer; re-attaching", self.layout.name)
-            self._attach()
+            try:
+                self._attach()
+            except BufferMissingError:  # its writer is still creating it: not usable yet, try again later
+                return False
+            log.info("/dev/shm/%s was re-created by its writer; re-attached", self.layout.name)
             return True
         return False
 
