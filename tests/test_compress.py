@@ -505,6 +505,19 @@ def test_a_lost_image_is_counted_even_when_its_slot_holds_its_id_again(source_ri
     assert stage.stats()["lost"] == 1 and stage.stats()["processed_times"] == 0 and not stage._outbox
 
 
+def test_a_failure_while_closing_still_lets_go_of_threads_sockets_and_buffers(make_config) -> None:
+    """If publishing what is left fails at close, the error comes out, and the pool, the sockets
+    and the shared memory are still let go (an open socket would hang close for ever)."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=8)
+    stage = Compressor(config, blosc2_codec(), threads=2).start()
+    metadata = image_metadata(config, 3)
+    metadata.size = config.image_n_bytes + 1  # cannot be published: the last flush raises
+    stage._outbox.append(metadata)
+    with pytest.raises(BusError, match="does not fit a slot"):
+        stage.close()
+    assert stage._pool is None and stage.publisher is None and stage.subscriber is None
+
+
 def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> None:
     """-t 2 with its one worker thread busy elsewhere (as on a loaded machine, where it waits for
     a core): the batches handed to it are taken back and compressed by the loop thread, so

@@ -216,23 +216,28 @@ class Compressor(Service):
             log.info("waiting for the source /dev/shm/%s: start %s", subscriber.layout.name, subscriber.created_by)
 
     def _close(self) -> None:
-        if self._pool is not None:
-            while self._pending and self.publisher is not None:  # what was taken in goes out
-                self._finish(*self._pending.popleft())
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        if self.publisher is not None:
-            self._flush()
-        self._outbox.clear()
-        self._pending.clear()
-        self._held_slots.clear()
-        self._in_flight = 0
-        if self.subscriber is not None:
-            self.subscriber.close()
-            self.subscriber = None
-        if self.publisher is not None:
-            self.publisher.close()
-            self.publisher = None
+        """What was taken in goes out; then threads, sockets and buffers are let go, even if that
+        failed (a socket left open would hang the context's term() for ever)."""
+        try:
+            if self._pool is not None:
+                while self._pending and self.publisher is not None:
+                    self._finish(*self._pending.popleft())
+            if self.publisher is not None:
+                self._flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+            self._outbox.clear()
+            self._pending.clear()
+            self._held_slots.clear()
+            self._in_flight = 0
+            if self.subscriber is not None:
+                self.subscriber.close()
+                self.subscriber = None
+            if self.publisher is not None:
+                self.publisher.close()
+                self.publisher = None
 
     # ------------------------------------------------------------------ the loop
     def _step(self) -> bool:
