@@ -175,3 +175,48 @@ def test_cli_receives_and_stops_cleanly(make_config, service) -> None:
         ctx.term()
     _, err = proc.output()
     assert "receiving array-1.0" in err and json  # log line of the start
+
+
+# ---------------------------------------------------------------------- values the formats must refuse
+def _bsread_message(config, pulse_id: int, stamp) -> list[bytes]:
+    parts = bsread.BsreadEncoder(config.shape, config.dtype).parts(
+        pulse_id, "X:CAM", 1, 2, bitshuffle_lz4_encode(np.zeros(config.shape, config.dtype)))
+    main = json.loads(parts[0])
+    main["global_timestamp"] = stamp
+    return [json.dumps(main).encode()] + [bytes(memoryview(part)) for part in parts[1:]]
+
+
+@pytest.mark.parametrize("stream_type,image_id", [("array-1.0", 2**63), ("array-1.0", 2**64), ("bsread", 2**63)])
+def test_an_id_the_ring_cannot_guard_is_refused_and_the_receiver_goes_on(make_config, stream_type, image_id) -> None:
+    """The overwrite guard stores 2 * id + 2 in a uint64: a larger id is an invalid message,
+    counted and named, not an exception that stops the receiver."""
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=4)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type=stream_type, n_connections=1, ctx=ctx).start()
+    try:
+        if stream_type == "array-1.0":
+            header = {"htype": "array-1.0", "shape": [4, 4], "type": "uint16", "frame": image_id}
+            parts = [json.dumps(header).encode(), bytes(32)]
+        else:
+            parts = _bsread_message(config, image_id, {"sec": 1, "ns": 2})
+        assert receiver.handle(parts) is False
+        assert receiver.stats()["invalid"] == 1 and "expected an integer 0..9223372036854775806" in receiver.last_error
+        assert receiver.handle(_bsread_message(config, 3, None) if stream_type == "bsread"
+                               else array10.encode(3, np.zeros(config.shape, config.dtype)))  # the next one goes in
+    finally:
+        receiver.close()
+        ctx.term()
+
+
+@pytest.mark.parametrize("detector_type,stamp", [("gigafrost", 5), ("gigafrost", [1, 2]), ("pco", {"sec": -1, "ns": 0}),
+                                                 ("pco", {"sec": 1.5, "ns": 0}), ("pco", {"sec": "1", "ns": 0})])
+def test_a_bad_bsread_timestamp_is_refused_and_named(make_config, detector_type, stamp) -> None:
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=4, detector_type=detector_type)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type="bsread", n_connections=1, ctx=ctx).start()
+    try:
+        assert receiver.handle(_bsread_message(config, 7, stamp)) is False
+        assert receiver.stats()["invalid"] == 1 and "global_timestamp" in receiver.last_error
+    finally:
+        receiver.close()
+        ctx.term()

@@ -5,6 +5,20 @@ class FormatError(ValueError):
     """A stream message that is not what its format says; the text names the bad part or field."""
 
 
+#: The highest image id a stream may carry: the ring buffer's overwrite guard stores 2 * id + 2
+#: in a uint64 (stddaq.bus.ram_buffer).
+MAX_IMAGE_ID = (1 << 63) - 2
+_UINT64_END = 1 << 64
+
+
+def check_integer(value, field: str, high: int = _UINT64_END - 1) -> int:
+    """``value`` if it is an integer in 0..``high``; else FormatError naming ``field``
+    (e.g. "array-1.0 header field 'frame'") and what is allowed."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+        raise FormatError(f"{field} is {value!r}, expected an integer 0..{high}")
+    return value
+
+
 def type_name(dtype, types: dict, format_name: str) -> str:
     """The stream "type" of a numpy dtype in a format whose allowed types are ``types``;
     FormatError if that format cannot carry it (big endian, or a type it lacks)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stddaq.formats import FormatError
+from stddaq.formats import MAX_IMAGE_ID, FormatError, check_integer
 from stddaq.formats import type_name as _type_name
 
 HTYPE = "array-1.0"
@@ -97,9 +97,7 @@ def _check(header: dict) -> Array10Header:
     kind = header.get("type")
     if kind not in READ_TYPES:
         raise FormatError(f"array-1.0 header field 'type' is {kind!r} (allowed: {', '.join(READ_TYPES)})")
-    frame = header.get("frame")
-    if not isinstance(frame, int) or isinstance(frame, bool) or frame < 0:
-        raise FormatError(f"array-1.0 header field 'frame' is {frame!r}, expected an integer >= 0")
+    frame = check_integer(header.get("frame"), "array-1.0 header field 'frame'", MAX_IMAGE_ID)
     if header.get("endianness", "little") != "little":
         raise FormatError(f"array-1.0 header field 'endianness' is {header['endianness']!r}, only 'little' is read")
     return Array10Header(frame, (shape[0], shape[1]), kind)

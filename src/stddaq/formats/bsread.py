@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stddaq.formats import FormatError
+from stddaq.formats import MAX_IMAGE_ID, FormatError, check_integer
 from stddaq.formats import type_name as _type_name
 from stddaq.formats.compression import CodecError, bitshuffle_lz4_decode
 
@@ -99,9 +99,15 @@ def decode_main_header(data: bytes | memoryview) -> dict:
     header = _json(data, "main header")
     if header.get("htype") != MAIN_HTYPE:
         raise FormatError(f"bsread main header field 'htype' is {header.get('htype')!r}, expected {MAIN_HTYPE!r}")
-    pulse_id = header.get("pulse_id")
-    if not isinstance(pulse_id, int) or isinstance(pulse_id, bool) or pulse_id < 0:
-        raise FormatError(f"bsread main header field 'pulse_id' is {pulse_id!r}, expected an integer >= 0")
+    check_integer(header.get("pulse_id"), "bsread main header field 'pulse_id'", MAX_IMAGE_ID)
+    stamp = header.get("global_timestamp")
+    if stamp is not None:
+        if not isinstance(stamp, dict):
+            raise FormatError(f"bsread main header field 'global_timestamp' is {stamp!r}, expected "
+                              '{"sec": ..., "ns": ...}')
+        for key in ("sec", "ns"):
+            if key in stamp:
+                check_integer(stamp[key], f"bsread main header field 'global_timestamp.{key}'")
     if not isinstance(header.get("hash"), str):
         raise FormatError(f"bsread main header field 'hash' is {header.get('hash')!r}, expected an md5 hex string")
     if header.get("dh_compression") not in (None, "none"):

@@ -137,10 +137,14 @@ class StreamReceiver(Service):
             self._reject("mismatch", problem)
             return False
         metadata = self._metadata
-        metadata.image_id = image_id
-        if extra and self.config.detector_type == "pco":
-            metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=extra["sec"], global_timestamp_ns=extra["ns"],
-                                                   bsread_name=extra["name"]))
+        try:  # the formats check these values; a value they let through must not stop the receiver
+            metadata.image_id = image_id
+            if extra and self.config.detector_type == "pco":
+                metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=extra["sec"],
+                                                       global_timestamp_ns=extra["ns"], bsread_name=extra["name"]))
+        except (ValueError, TypeError, OverflowError) as exc:
+            self._reject("invalid", f"image {image_id}: its metadata cannot be stored: {exc}")
+            return False
         self.publisher.publish_image(metadata, pixels)
         self.counters.processed(pixels.nbytes)
         return True
