@@ -422,3 +422,35 @@ def test_cli_address_in_use_exits_1(make_config, service) -> None:
         holder.close(0)
         ctx.term()
     assert len(err.strip().splitlines()) == 1 and f"cannot bind the live stream at tcp://127.0.0.1:{port}" in err, err
+
+
+def test_a_compressed_image_overwritten_before_it_is_decoded_counts_as_torn(make_config) -> None:
+    """The blob is copied while the slot still holds it, then decoded from the copy: an image whose
+    slot was reused meanwhile is dropped_torn (not a corrupt blob from upstream, dropped_decode),
+    and the decoder never reads a slot that is changing under it."""
+    from stddaq.bus import ImagePublisher, image_metadata
+
+    config, _ = make_config(image_pixel_height=64, image_pixel_width=64, ram_buffer_slots=4)
+    ctx = zmq.Context()
+    source = ImagePublisher(config, ctx=ctx).open()
+    live = LiveStream(config, "tcp://127.0.0.1:*", stream_type="array-1.0", ctx=ctx).start()
+    try:
+        assert wait_until(lambda: source.subscriber_count() >= 1)
+
+        def publish(image_id: int, pixels: np.ndarray) -> None:
+            metadata = image_metadata(config, image_id)
+            metadata.compression = ImageMetadataCompression.h5bitshuffle_lz4
+            source.publish_image(metadata, bitshuffle_lz4_encode(pixels))
+
+        publish(0, np.zeros(config.shape, config.dtype))
+        image = live.subscriber.receive(timeout=5)
+        assert image is not None and image.image_id == 0
+        publish(4, ramp(4, config.shape, config.dtype))  # the same slot, another blob
+        live._handle(image)
+        del image
+        totals = live.stats()
+        assert totals["dropped_torn"] == 1 and totals["dropped_decode"] == 0 and totals["sent"] == 0
+    finally:
+        live.close()
+        source.close()
+        ctx.term()

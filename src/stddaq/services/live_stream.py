@@ -235,8 +235,17 @@ class LiveStream(Service):
             return
         counters = self.counters
         counters.add("selected")
+        data = image.data
+        if metadata.compression != _NONE:
+            # a compressed blob is decoded from a private copy taken while the slot still held it:
+            # decoding the live slot, an overwrite between the decoder's checks and its reads could
+            # lead it outside the blob, and a blob being overwritten would count as a corrupt one
+            data = data.copy()
+            if not image.intact():
+                counters.add("dropped_torn")
+                return
         try:
-            parts = self.encode(metadata, image.data)
+            parts = self.encode(metadata, data)
         except FormatError as exc:
             self._drop("dropped_dtype", str(exc))
             return
