@@ -387,7 +387,7 @@ def test_cli_waits_for_the_source_then_streams(make_config, service) -> None:
     assert f"waiting for the source buffer /dev/shm/{config.channel('image')}" in err
     lines = [ln for ln in err.splitlines() if "service=std_live_stream,processed_times=" in ln]
     assert lines and all(f"detector={config.detector_name}" in ln for ln in lines)
-    for key in ("selected=", "sent=", "dropped_lost=", "dropped_torn=", "dropped_hwm=", "dropped_dtype="):
+    for key in ("selected=", "sent=", "lost=", "dropped_torn=", "dropped_hwm=", "dropped_dtype="):
         assert key in lines[0], lines[0]
     assert not os.path.exists(f"/dev/shm/{config.channel('image')}")
 

@@ -52,7 +52,9 @@ MAX_HWM = 1000
 #: Below this size a copying send is cheaper than pyzmq's zero-copy bookkeeping (measured here: a
 #: zero-copy send costs ~20 us through pyzmq's garbage-collector thread, a memcpy of 256 KiB as much).
 ZERO_COPY_MIN_BYTES = 256 * 1024
-DROP_REASONS = ("dropped_lost", "dropped_torn", "dropped_hwm", "dropped_dtype", "dropped_decode")
+#: Why a selected image was not sent. Images overwritten before the live stream read them are
+#: the subscriber's ``lost``, in the same stats line (counted before selection).
+DROP_REASONS = ("dropped_torn", "dropped_hwm", "dropped_dtype", "dropped_decode")
 _H5BSLZ4 = int(ImageMetadataCompression.h5bitshuffle_lz4)
 _NONE = int(ImageMetadataCompression.none)
 
