@@ -69,15 +69,21 @@ def test_garbage_is_counted_and_the_loop_goes_on(make_config, caplog) -> None:
         wrong_size.size = 17
         unknown_dtype = image_metadata(config, 3)
         unknown_dtype.dtype = 99
+        # enum fields carry any int32 on the wire; a file's u8/u4 columns cannot hold -1
+        unknown_status, unknown_compression, empty_blob = (image_metadata(config, 3) for _ in range(3))
+        unknown_status.status = -1
+        unknown_compression.compression = 7
+        empty_blob.compression, empty_blob.size = 2, 0  # blosc2 with no bytes
         for junk in (b"\xff\xff\xff", too_big.SerializeToString(), wrong_size.SerializeToString(),
-                     unknown_dtype.SerializeToString()):
+                     unknown_dtype.SerializeToString(), unknown_status.SerializeToString(),
+                     unknown_compression.SerializeToString(), empty_blob.SerializeToString()):
             publisher.socket.send(junk)
         publisher.socket.send_multipart([b"a", b"b"])
         publisher.publish_image(image_metadata(config, 4), ramp(4, config.shape, config.dtype))
         image = subscriber.receive(timeout=5)
         assert image is not None and image.image_id == 4
         totals = subscriber.stats.totals()
-        assert totals["invalid"] == 5 and totals["processed_times"] == 1
+        assert totals["invalid"] == 8 and totals["processed_times"] == 1
         assert "do not fit a slot" in caplog.text or "not an ImageMetadata" in caplog.text
         assert "expected 1 message part, got 2" in subscriber.last_error  # the last junk: counted once, parts drained
         # warned once per period, not once per message

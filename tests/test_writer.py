@@ -321,3 +321,30 @@ def test_sigterm_closes_the_open_file(make_config, service, driver, tmp_path) ->
         assert proc.stop() == 0
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert f[f"{config.detector_name}/data"].shape[0] == 3
+
+
+@pytest.mark.parametrize("index", [0, "meta"])
+@pytest.mark.parametrize("field,value", [("status", -1), ("compression", -3)])
+def test_a_metadata_value_the_file_cannot_hold_loses_that_image_only(make_config, tmp_path, index, field,
+                                                                      value) -> None:
+    """Enum fields carry any int32 on the wire; the file's unsigned columns cannot hold -1. The
+    image is counted failed with the reason, and the writer (in-process here) goes on."""
+    from stddaq.services.writer import Writer
+
+    config, _ = make_config(number_of_writers=1, ram_buffer_slots=16)
+    with ImagePublisher(config) as source:
+        writer = Writer(config, index).start()
+        answers: list = []
+        writer._answer = lambda ok, reason="": answers.append((ok, reason))
+        try:
+            writer.handle(WriterAction(create_file=CreateFileCommand(path=str(tmp_path / "f.h5"))).SerializeToString())
+            for image_id in (5, 6):
+                metadata = image_metadata(config, image_id)
+                source.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
+                if image_id == 5:
+                    setattr(metadata, field, value)
+                writer.handle(WriterAction(record_image=RecordImage(image_metadata=metadata)).SerializeToString())
+            totals = writer.stats()
+            assert totals["failed"] == 1 and totals["processed_times"] == 1
+        finally:
+            writer.close()

@@ -21,7 +21,7 @@ from stddaq.bus.publisher import METADATA_HWM
 from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.config import DetectorConfig
 from stddaq.errors import BufferMissingError, BusError
-from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ImageMetadataCompression
+from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ImageMetadataCompression, ImageMetadataStatus
 from stddaq.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: ids never seen between two that were (dropped before they reached this reader).
 SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps")
 _NONE = int(ImageMetadataCompression.none)
+#: values of the enum fields a reader can act on (protobuf carries any int32 in them)
+_STATUSES = frozenset(ImageMetadataStatus.values())
+_COMPRESSIONS = frozenset(ImageMetadataCompression.values())
 _RCVMORE = int(zmq.RCVMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -276,10 +279,18 @@ class ImageSubscriber:
         if dtype is None:
             self._invalid(f"image {image_id}: unknown dtype {metadata.dtype}")
             return None
+        status, compression = metadata.status, metadata.compression
+        if status not in _STATUSES or compression not in _COMPRESSIONS:
+            self._invalid(f"image {image_id}: unknown {'status' if status not in _STATUSES else 'compression'} "
+                          f"{status if status not in _STATUSES else compression}")
+            return None
         size = metadata.size
         height, width = metadata.height, metadata.width
         raw_bytes = height * width * dtype.itemsize
-        compressed = metadata.compression != _NONE
+        compressed = compression != _NONE
+        if compressed and size == 0:
+            self._invalid(f"image {image_id}: compressed with size 0 (a compressed image has bytes)")
+            return None
         if size > self._slot or (not compressed and raw_bytes > self._slot):
             self._invalid(f"image {image_id}: {max(size, raw_bytes)} bytes do not fit a slot of {self._slot}")
             return None

@@ -296,7 +296,8 @@ class Writer(Service):
         except WriteFailed as exc:
             self._write_failed(exc)
             return
-        except (StorageError, BusError, codecs.CodecError, ValueError) as exc:
+        except (StorageError, BusError, codecs.CodecError, ValueError, TypeError, OverflowError) as exc:
+            # ValueError .. OverflowError: a metadata value the file cannot hold; the next image goes on
             self._lost(image_id, str(exc))
             return
         self.counters.processed(metadata.size)
