@@ -89,6 +89,7 @@ def test_preflight_accepts_a_writable_directory_and_says_how_much_fits(tmp_path:
     ("relative", "must be absolute"),
     ("exists", "already exists"),
     ("no room", "not enough space"),
+    ("name too long", "File name too long"),
 ])
 def test_preflight_refuses(tmp_path: Path, case: str, words: str) -> None:
     target = tmp_path / "run"
@@ -106,8 +107,9 @@ def test_preflight_refuses(tmp_path: Path, case: str, words: str) -> None:
     elif case == "no room":
         kw = {"n_image": 10, "n_image_given": True}
     image_n_bytes = 1 << 60 if case == "no room" else 100
+    file = target / ("x" * 300 + ".h5" if case == "name too long" else "file0.h5")  # a file_prefix too long
     with pytest.raises(PreflightError, match=words):
-        preflight(_start(target, **kw), image_n_bytes=image_n_bytes, files=[target / "file0.h5"], switch_user=False)
+        preflight(_start(target, **kw), image_n_bytes=image_n_bytes, files=[file], switch_user=False)
 
 
 def test_default_n_image_is_not_refused_for_space(tmp_path: Path) -> None:

@@ -471,3 +471,25 @@ def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -
     data, meta = _read(path)
     assert [int(i) for i in meta["image_id"]] == [0, 1, 2, 3] and data.shape[0] == 4
     assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(4))
+
+
+def test_an_empty_compressed_blob_is_refused_without_a_row(tmp_path: Path) -> None:
+    """A 0-byte blob cannot be an HDF5 chunk: refused before its row is added, so the file never
+    shows a fill-value image under a real id, and the next image takes the next row."""
+    file = ImageFile.create(tmp_path / "c.h5", "det", (8, 8), "uint16", BITSHUFFLE_LZ4)
+    pixels = ramp(1, (8, 8), np.uint16)
+    assert file.append(1, 1, bitshuffle_lz4_encode(pixels))
+    with pytest.raises(StorageError, match="0 bytes"):
+        file.append(2, 1, b"")
+    assert file.append(3, 1, bitshuffle_lz4_encode(pixels))
+    file.close()
+    with h5py.File(tmp_path / "c.h5") as h5:
+        assert [row[0] for row in h5["det/metadata"][:]] == [1, 3]
+        assert h5["det/data"].shape[0] == 2 and np.array_equal(h5["det/data"][1], pixels)
+
+
+def test_a_file_name_longer_than_the_system_allows_is_a_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="more than the 255"):
+        ImageFile.create(tmp_path / ("x" * 300 + ".h5"), "det", (8, 8), "uint16")
+    with pytest.raises(StorageError, match="File name too long"):
+        ImageFile.create(tmp_path / ("d" * 300) / "f.h5", "det", (8, 8), "uint16")

@@ -171,8 +171,16 @@ def preflight(start: StartCommand, *, image_n_bytes: int, files: list[Path], swi
 
     ``files`` are the files this recording would create; an existing one is refused, never
     overwritten. With the default n_image (record until stop) the space check does not refuse:
-    the caller reports how many images fit instead.
+    the caller reports how many images fit instead. A path the system cannot even look at (a
+    name longer than it allows) is refused too, as every other PreflightError.
     """
+    try:
+        return _preflight(start, image_n_bytes=image_n_bytes, files=files, switch_user=switch_user)
+    except OSError as exc:
+        raise PreflightError(f"cannot use {exc.filename or start.path}: {exc.strerror or exc}") from None
+
+
+def _preflight(start: StartCommand, *, image_n_bytes: int, files: list[Path], switch_user: bool) -> Preflight:
     path = Path(start.path)
     if not path.is_absolute():
         raise PreflightError(f"path {start.path!r} must be absolute (the driver's working directory is not yours)")

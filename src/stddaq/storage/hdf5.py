@@ -167,12 +167,22 @@ class _SpaceGuard:
         self._budget -= n_bytes
 
 
+#: longest file name (one path component) in bytes on Linux file systems
+_NAME_MAX = 255
+
+
 def _check_directory(path: Path) -> None:
     directory = path.parent
-    if not directory.exists():
-        raise StorageError(f"cannot create {path}: directory {directory} does not exist")
-    if not directory.is_dir():
-        raise StorageError(f"cannot create {path}: {directory} is not a directory")
+    try:
+        if len(path.name.encode()) > _NAME_MAX:
+            raise StorageError(f"cannot create {path}: its name has {len(path.name.encode())} bytes, more than "
+                               f"the {_NAME_MAX} a file name may have")
+        if not directory.exists():
+            raise StorageError(f"cannot create {path}: directory {directory} does not exist")
+        if not directory.is_dir():
+            raise StorageError(f"cannot create {path}: {directory} is not a directory")
+    except OSError as exc:  # e.g. a directory name longer than the system allows
+        raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise StorageError(f"cannot create {path}: directory {directory} is not writable by uid {os.geteuid()}")
 
@@ -349,9 +359,9 @@ class ImageFile:
             return False  # the chunk has copied images already: it stays a copied chunk
         if not intact():
             return False  # the copy path reports it as overwritten
+        self._add_row(image_id, status)  # first: a row it refuses leaves the run as it was
         self._next_address = address + self._image_n_bytes
         run.append((data, image_id, status, intact))
-        self._add_row(image_id, status)
         self._in_chunk += 1
         self._count += 1
         if self._in_chunk == self.images_per_chunk:
@@ -441,6 +451,9 @@ class ImageFile:
                 return False
             if self._frame is not None:
                 blob = self._frame(blob)
+        if not len(blob):
+            raise StorageError(f"image {image_id}: a compressed image of 0 bytes cannot be written (HDF5 "
+                               "chunks have bytes); not written")
         index = self._count
         self._add_row(image_id, status)
         self._count += 1
