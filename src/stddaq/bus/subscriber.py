@@ -280,9 +280,11 @@ class ImageSubscriber:
             self._invalid(f"image {image_id}: unknown dtype {metadata.dtype}")
             return None
         status, compression = metadata.status, metadata.compression
-        if status not in _STATUSES or compression not in _COMPRESSIONS:
-            self._invalid(f"image {image_id}: unknown {'status' if status not in _STATUSES else 'compression'} "
-                          f"{status if status not in _STATUSES else compression}")
+        if status not in _STATUSES:
+            self._invalid(f"image {image_id}: unknown status {status}")
+            return None
+        if compression not in _COMPRESSIONS:
+            self._invalid(f"image {image_id}: unknown compression {compression}")
             return None
         size = metadata.size
         height, width = metadata.height, metadata.width

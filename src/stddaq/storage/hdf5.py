@@ -174,9 +174,10 @@ _NAME_MAX = 255
 def _check_directory(path: Path) -> None:
     directory = path.parent
     try:
-        if len(path.name.encode()) > _NAME_MAX:
-            raise StorageError(f"cannot create {path}: its name has {len(path.name.encode())} bytes, more than "
-                               f"the {_NAME_MAX} a file name may have")
+        name_bytes = len(path.name.encode())
+        if name_bytes > _NAME_MAX:
+            raise StorageError(f"cannot create {path}: its name has {name_bytes} bytes, more than the "
+                               f"{_NAME_MAX} a file name may have")
         if not directory.exists():
             raise StorageError(f"cannot create {path}: directory {directory} does not exist")
         if not directory.is_dir():
