@@ -39,7 +39,9 @@ class ImagePublisher:
     """Creates ``/dev/shm/<channel>`` and binds ``ipc:///tmp/<channel>``; owns and releases both.
 
     Write an image either with ``publish_image(metadata, pixels)`` (one copy into the slot), or
-    in place: ``slot = begin(image_id)``, fill ``slot``, ``publish(metadata)``.
+    in place: ``slot = begin(image_id)``, fill ``slot``, ``publish(metadata)``. ``publish_image``
+    is ``write_image`` (the copy; returns the message) then ``send``, for a caller that sends
+    the messages of several images in another order than it wrote them.
     """
 
     def __init__(self, config: DetectorConfig, suffix: str = "image", *, ctx: zmq.Context | None = None) -> None:
@@ -91,6 +93,11 @@ class ImagePublisher:
 
     def publish_image(self, metadata: ImageMetadata, pixels: np.ndarray | bytes | memoryview) -> None:
         """Copy ``pixels`` into the slot of ``metadata.image_id`` and publish; sets ``size``."""
+        self.send(self.write_image(metadata, pixels))
+
+    def write_image(self, metadata: ImageMetadata, pixels: np.ndarray | bytes | memoryview) -> bytes:
+        """Copy ``pixels`` into the slot of ``metadata.image_id`` and mark it complete; sets ``size``.
+        Returns the metadata message, for ``send`` (now or a little later, never before this)."""
         raw = np.frombuffer(pixels, dtype=np.uint8) if not isinstance(pixels, np.ndarray) else pixels.reshape(-1).view(np.uint8)
         if raw.nbytes > self.layout.slot_n_bytes:
             raise BusError(f"image {metadata.image_id}: {raw.nbytes} bytes do not fit a slot of "
@@ -98,7 +105,12 @@ class ImagePublisher:
         slot = self.begin(metadata.image_id)
         slot[:raw.nbytes] = raw
         metadata.size = raw.nbytes
-        self.publish(metadata)
+        self.buffer.end_write(metadata.image_id)
+        return metadata.SerializeToString()
+
+    def send(self, message: bytes) -> None:
+        """Send a metadata message made by ``write_image``."""
+        self.socket.send(message)
 
     # ------------------------------------------------------------------ subscribers
     def subscriber_count(self) -> int:
