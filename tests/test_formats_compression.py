@@ -142,3 +142,27 @@ def test_encode_into_writes_the_chunk_or_says_it_does_not_fit() -> None:
         noise = np.random.default_rng(3).integers(0, 1 << 16, shape, dtype=np.uint16)
         for encode_into in (bitshuffle_lz4_encode_into, blosc2_encode_into, _blosc2_at):
             assert encode_into(noise, np.empty(noise.nbytes, np.uint8)) == 0
+
+
+def test_check_chunk_reads_the_size_a_header_holds() -> None:
+    from stddaq.formats import compression
+
+    pixels = np.arange(24 * 16, dtype=np.uint16).reshape(24, 16)
+    n_bytes = pixels.nbytes
+    shuffled = compression.bitshuffle_lz4_encode(pixels)
+    packed = np.frombuffer(compression.blosc2_encode(pixels), np.uint8)
+    compression.check_chunk(ImageMetadataCompression.h5bitshuffle_lz4, shuffled, n_bytes, 2)
+    compression.check_chunk(ImageMetadataCompression.blosc2, packed, n_bytes, 2)
+    cases = [
+        (ImageMetadataCompression.h5bitshuffle_lz4, shuffled, n_bytes * 2, "chunk holds 768 bytes of pixels, the image has 1536"),
+        (ImageMetadataCompression.h5bitshuffle_lz4, shuffled[:8], n_bytes, "shorter than its 12-byte header"),
+        (ImageMetadataCompression.h5bitshuffle_lz4, np.concatenate([shuffled[:8], np.frombuffer(b"\0\0\0\x0a", np.uint8),
+                                                                    shuffled[12:]]), n_bytes, "block size 10 bytes"),
+        (ImageMetadataCompression.blosc2, packed, n_bytes // 2, "chunk holds 768 bytes of pixels, the image has 384"),
+        (ImageMetadataCompression.blosc2, packed[:-1], n_bytes, f"header says {packed.nbytes} bytes, the blob has"),
+        (ImageMetadataCompression.blosc2, packed[:10], n_bytes, "shorter than a chunk header"),
+        (ImageMetadataCompression.none, packed, n_bytes, "is not a compressed chunk"),
+    ]
+    for kind, blob, expected, message in cases:
+        with pytest.raises(compression.CodecError, match=message):
+            compression.check_chunk(kind, blob, expected, 2)

@@ -348,3 +348,86 @@ def test_a_metadata_value_the_file_cannot_hold_loses_that_image_only(make_config
             assert totals["failed"] == 1 and totals["processed_times"] == 1
         finally:
             writer.close()
+
+
+def _in_process_writer(config, tmp_path, suffix: str = "image"):
+    from stddaq.services.writer import Writer
+
+    writer = Writer(config, 0, suffix=suffix).start()
+    answers: list = []
+    writer._answer = lambda ok, reason="": answers.append((ok, reason))
+    writer.handle(WriterAction(create_file=CreateFileCommand(path=str(tmp_path / "f.h5"))).SerializeToString())
+    assert answers == [(True, "")]
+    return writer, answers
+
+
+def _record(writer, metadata) -> None:
+    writer.handle(WriterAction(record_image=RecordImage(image_metadata=metadata)).SerializeToString())
+
+
+@pytest.mark.parametrize("overwritten", [True, False])
+def test_images_held_from_a_buffer_its_source_replaced_are_checked_before_it_goes(make_config, tmp_path,
+                                                                                overwritten) -> None:
+    """The writer keeps recent images in their slots (zero copy) until their chunk is written.
+    When the source re-creates its buffer (a restarted simulator), the old mapping is let go:
+    the images still held are checked and copied first. Before, the closed buffer vouched for
+    every slot, and images overwritten before the restart went into the file as good with another
+    image's pixels (ids 0-9 stored with the pixels of 64-73)."""
+    config, _ = make_config(number_of_writers=1, ram_buffer_slots=64)
+    source = ImagePublisher(config).open()
+    writer, answers = _in_process_writer(config, tmp_path)
+    try:
+        for image_id in range(10):
+            _record(writer, _publish(source, config, image_id))
+        if overwritten:  # the source runs on over the slots of 0..9 (the driver skipped those ids)
+            for image_id in range(64, 74):
+                _publish(source, config, image_id)
+        source.close()
+        source = ImagePublisher(config).open()  # a new source: a new buffer under the same name
+        _record(writer, _publish(source, config, 100))
+        writer.handle(WriterAction(close_file=CloseFile()).SerializeToString())
+        totals = writer.stats()
+    finally:
+        writer.close()
+        source.close()
+    kept = [100] if overwritten else [*range(10), 100]
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        ids = [int(i) for i in f[f"{config.detector_name}/metadata"]["image_id"]]
+        data = f[f"{config.detector_name}/data"][:]
+    assert ids == kept
+    for row, image_id in enumerate(ids):
+        assert np.array_equal(data[row], ramp(image_id, config.shape, config.dtype)), image_id
+    assert totals["lost"] == 10 - len(kept) + 1
+    if overwritten:
+        assert not answers[-1][0] and "image 0: overwritten in the RAM buffer" in answers[-1][1]
+
+
+@pytest.mark.parametrize("suffix", ["h5bitshuffle-lz4", "blosc2"])
+@pytest.mark.parametrize("shape", [(12, 8), (48, 16)])  # a quarter of the image, twice the image
+def test_a_compressed_image_whose_blob_holds_another_size_is_refused(make_config, tmp_path, suffix, shape) -> None:
+    """Metadata says 24x16 uint16; the blob holds another number of pixels (cut short, another
+    detector's). Stored as it is, it read back as garbage (or not at all) with status good."""
+    config, _ = make_config(number_of_writers=1, ram_buffer_slots=16, image_pixel_height=24,
+                            image_pixel_width=16)
+    encode = bitshuffle_lz4_encode if suffix == "h5bitshuffle-lz4" else blosc2_encode
+    compression = (ImageMetadataCompression.h5bitshuffle_lz4 if suffix == "h5bitshuffle-lz4"
+                   else ImageMetadataCompression.blosc2)
+    with ImagePublisher(config, suffix) as source:
+        writer, answers = _in_process_writer(config, tmp_path, suffix)
+        try:
+            for image_id, pixels in ((1, ramp(1, shape, config.dtype)), (2, ramp(2, config.shape, config.dtype))):
+                blob = np.frombuffer(encode(pixels), np.uint8)
+                metadata = image_metadata(config, image_id)
+                metadata.compression, metadata.size = compression, blob.nbytes
+                source.begin(image_id)[:blob.nbytes] = blob
+                source.publish(metadata)
+                _record(writer, metadata)
+            writer.handle(WriterAction(close_file=CloseFile()).SerializeToString())
+            totals = writer.stats()
+        finally:
+            writer.close()
+    assert totals["failed"] == 1 and totals["processed_times"] == 1, (dict(totals), answers)
+    assert "image 1:" in answers[-1][1] and "chunk holds" in answers[-1][1], answers
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert [int(i) for i in f[f"{config.detector_name}/metadata"]["image_id"]] == [2]
+        assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(2, config.shape, config.dtype))

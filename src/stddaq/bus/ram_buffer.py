@@ -276,9 +276,10 @@ class RamBuffer:
         return self.sequence is not None
 
     def holds(self, image_id: int) -> bool:
-        """True while the slot still holds image ``image_id`` complete (always True unguarded)."""
+        """True while the slot still holds image ``image_id`` complete (always True unguarded;
+        False once closed: a view kept from before cannot be vouched for any more)."""
         if self.sequence is None:
-            return True
+            return not self._closed
         return int(self.sequence[image_id % self.layout.n_slots]) == 2 * image_id + 2
 
     def overtaken_within(self, image_id: int, margin: int, newest_stale: int = -1) -> bool:

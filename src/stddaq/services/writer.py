@@ -310,6 +310,8 @@ class Writer(Service):
             inode = None
         if self.buffer is None or (inode is not None and inode != self._buffer_inode):
             if self.buffer is not None:
+                if isinstance(self.file, ImageFile):
+                    self.file.release_borrowed()  # checked against the old buffer while it is still there
                 self.buffer.close()
                 self.buffer = None
             self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")

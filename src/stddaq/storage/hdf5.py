@@ -45,6 +45,7 @@ import hdf5plugin
 import numpy as np
 
 from stddaq.errors import StorageError, WriteFailed
+from stddaq.formats import compression as codecs
 from stddaq.protocol import ImageMetadata, ImageMetadataCompression
 
 log = logging.getLogger(__name__)
@@ -389,6 +390,12 @@ class ImageFile:
             self._chunk_on_disk = True  # its place is taken: the copied chunk is written there
         self._unborrow()
 
+    def release_borrowed(self) -> None:
+        """Copy the borrowed images now (those still intact; the others are dropped and reported):
+        for a caller about to let go of the buffer they are in."""
+        if self._borrowed:
+            self._unborrow()
+
     def _unborrow(self) -> None:
         """Turn the borrowed run into a copied chunk: copy each image that is still intact after
         its copy, drop (and report) the others."""
@@ -442,6 +449,15 @@ class ImageFile:
         # much as the rest of the Python around the write (6 us for a 60 kB blob).
         in_place = (borrowed and intact is not None and self._frame is None and isinstance(data, np.ndarray)
                     and data.ndim == 1 and data.dtype == np.uint8 and data.flags.c_contiguous)
+        if not len(data):
+            raise StorageError(f"image {image_id}: a compressed image of 0 bytes cannot be written (HDF5 "
+                               "chunks have bytes); not written")
+        try:
+            codecs.check_chunk(self.compression, data, self._image_n_bytes, self.dtype.itemsize)
+        except codecs.CodecError as exc:
+            if intact is not None and not intact():
+                return False  # overwritten while its header was read: what was read proves nothing
+            raise StorageError(f"image {image_id}: {exc}; not written") from None
         if in_place:
             if not intact():
                 return False  # overwritten already: not written at all
@@ -452,9 +468,6 @@ class ImageFile:
                 return False
             if self._frame is not None:
                 blob = self._frame(blob)
-        if not len(blob):
-            raise StorageError(f"image {image_id}: a compressed image of 0 bytes cannot be written (HDF5 "
-                               "chunks have bytes); not written")
         index = self._count
         self._add_row(image_id, status)
         self._count += 1
@@ -555,8 +568,7 @@ class ImageFile:
         """Everything appended so far on disk and visible to readers (raises WriteFailed if not)."""
         if self._closed:
             return
-        if self._borrowed:
-            self._unborrow()  # a partly filled chunk is copied: later images may not follow in the buffer
+        self.release_borrowed()  # a partly filled chunk is copied: later images may not follow in the buffer
         if self._chunk is not None and self._in_chunk and self.failure is None:
             self._write_chunk()
             self._chunk_on_disk = True
