@@ -203,3 +203,39 @@ def test_publish_rejects_oversized_image(make_config) -> None:
     with ImagePublisher(config) as publisher:
         with pytest.raises(Exception, match="do not fit a slot"):
             publisher.publish_image(ImageMetadata(image_id=1), np.zeros(config.image_n_bytes + 1, np.uint8))
+
+
+def test_a_source_buffer_of_another_size_is_refused_not_fatal(make_config, caplog) -> None:
+    """A source started with another config (another ring size) made receive() raise
+    BufferLayoutError: the reading service (driver, live stream, compression stage) died. Its
+    messages are now invalid, with the reason; the right buffer is read once it is there; one
+    that replaces it with the wrong size again is said once and its images are counted lost
+    (the old mapping is not read for them)."""
+    config, _ = make_config(ram_buffer_slots=8)
+    # (shm objects are whole 2 MiB: 8 and 16 slots of 3 kB would be the same size)
+    other, _ = make_config(detector_name=config.detector_name, ram_buffer_slots=1000)
+    ctx = zmq.Context()
+    try:
+        with ImageSubscriber(config, ctx=ctx) as subscriber:
+            def publish(publisher, cfg, image_id) -> None:
+                assert wait_until(lambda: subscriber.socket.poll(10) is not None and publisher.subscriber_count() == 1)
+                publisher.publish_image(image_metadata(cfg, image_id), ramp(image_id, cfg.shape, cfg.dtype))
+
+            with ImagePublisher(other, ctx=ctx) as wrong:
+                publish(wrong, other, 0)
+                assert subscriber.receive(timeout=2) is None
+                assert subscriber.stats.totals()["invalid"] == 1
+                assert "has 4194304 bytes but this config implies 2097152" in subscriber.last_error
+            with ImagePublisher(config, ctx=ctx) as right:
+                publish(right, config, 1)
+                image = subscriber.receive(timeout=5)
+                assert image is not None and np.array_equal(image.data, ramp(1, config.shape, config.dtype))
+                del image
+            with ImagePublisher(other, ctx=ctx) as wrong:
+                publish(wrong, other, 0)
+                wrong.publish_image(image_metadata(other, 1), ramp(1, other.shape, other.dtype))  # 1 is in the old slot
+                assert subscriber.receive(timeout=1) is None
+                assert subscriber.stats.totals()["lost"] == 2
+    finally:
+        ctx.term()
+    assert caplog.text.count("was re-created by its writer but cannot be read") == 1

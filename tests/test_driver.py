@@ -362,6 +362,51 @@ def test_writer_killed_mid_run_ends_in_error_within_5s(deployment, service) -> N
     assert d.driver.proc.poll() is None, "the driver must survive a writer's death"
 
 
+def test_images_lost_before_the_driver_read_them_end_the_run_in_error_with_its_files(deployment) -> None:
+    """Image 5's slot is overwritten before the driver reads its metadata: its subscriber drops
+    it (counted lost). The run ended file_saved as if complete, the master quietly without 5.
+    It now ends in error saying how many were lost; the files and master are there."""
+    d = deployment(1, ram_buffer_slots=64)
+    config, session, run_dir = d.config, d.session, d.run_dir
+    det = config.detector_name
+    with ImagePublisher(config) as publisher:
+        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 10})
+        assert publisher.wait_for_subscribers(1, 10)
+        for image_id in range(11):
+            metadata = image_metadata(config, image_id)
+            if image_id == 5:  # written, then its slot taken by image 69 before its message goes
+                publisher.write_image(metadata, ramp(5, config.shape, config.dtype))
+                publisher.begin(5 + config.n_slots)
+                publisher.send(metadata.SerializeToString())
+                continue
+            publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
+            time.sleep(0.01)
+        reply = session.status("file_saved", "error", timeout=30)
+    assert reply["status"] == "error", session.transcript[-5:]
+    assert reply["reason"].startswith("1 image(s) lost: overwritten in the RAM buffer before the driver read them")
+    with h5py.File(run_dir / "file_master.h5", "r") as f:
+        ids = [int(i) for i in f[f"{det}/metadata"]["image_id"]]
+        assert ids == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+        check_ramp(f[f"{det}/data"][:], ids, config)
+    session.status("idle")  # the next run may start
+
+
+def test_a_source_buffer_of_another_size_is_refused_at_start(deployment, make_config) -> None:
+    """A source started with another config (another ring size): the driver's data loop died
+    on it and the process hung at exit. The start is now refused before any file exists."""
+    d = deployment(1, writers=False, ram_buffer_slots=8)
+    config, session, run_dir = d.config, d.session, d.run_dir
+    other, _ = make_config(detector_name=config.detector_name, ram_buffer_slots=1000)
+    with ImagePublisher(other):
+        session.send({"command": "start", "path": str(run_dir), "n_image": 10})
+        reply = session.status("error")
+        assert "the source cannot be recorded" in reply["reason"] and "this config implies" in reply["reason"]
+        assert not list(run_dir.iterdir())
+    session.send({"command": "start", "path": str(run_dir), "n_image": 10})  # gone: the check passes
+    assert "writer 0 is not running" in session.status("error")["reason"]
+    assert d.driver.proc.poll() is None
+
+
 def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
     mount = tmp_path / "small-disk"
     mount.mkdir()

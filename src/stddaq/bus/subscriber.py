@@ -97,6 +97,7 @@ class ImageSubscriber:
         self.last_error: str | None = None
         self._last_id: int | None = None
         self._newest_stale = -1  # see overtaken_within
+        self._refused_inode: int | None = None  # a re-created buffer found unusable (see _replaced)
         self._slot = self.layout.slot_n_bytes
 
     # ------------------------------------------------------------------ lifetime
@@ -169,6 +170,14 @@ class ImageSubscriber:
             try:
                 self._attach()
             except BufferMissingError:  # its writer is still creating it: not usable yet, try again later
+                return False
+            except (BusError, OSError) as exc:  # not usable at all (wrong size, no permission): said once
+                if inode != self._refused_inode:
+                    self._refused_inode = inode
+                    log.warning("/dev/shm/%s was re-created by its writer but cannot be read: %s; its images are "
+                                "counted lost until it is re-created again", self.layout.name, exc)
+                    if self.buffer is not None:
+                        self.buffer.close()  # the old writer's slots: nothing in them is vouched for any more
                 return False
             log.info("/dev/shm/%s was re-created by its writer; re-attached", self.layout.name)
             return True
@@ -304,8 +313,11 @@ class ImageSubscriber:
         if buffer is None:
             try:
                 buffer = self._attach()
-            except BufferMissingError as exc:
+            except BusError as exc:  # missing, or not the size the config says (another config's source)
                 self._invalid(str(exc))
+                return None
+            except OSError as exc:
+                self._invalid(f"cannot map /dev/shm/{self.layout.name}: {exc.strerror or exc}")
                 return None
         last = self._last_id
         if last is not None and image_id != last + 1:

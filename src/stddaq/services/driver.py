@@ -35,10 +35,11 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.bus.sockets import bind, unlink_ipc
 from stddaq.bus.subscriber import ImageSubscriber
 from stddaq.config import DetectorConfig
-from stddaq.errors import BusError, UsageError
+from stddaq.errors import BufferMissingError, BusError, UsageError
 from stddaq.protocol import ResponseCode, WriterAction, WriterResponse
 from stddaq.services.base import (
     ArgumentParser,
@@ -330,6 +331,7 @@ class WriterDriver(Service):
     def _record(self, start: StartCommand) -> None:
         self.counters.add("runs")
         subscriber: ImageSubscriber | None = None
+        lost_before = self.counters.totals().get("lost", 0)
         try:
             self._create_files(start)
             subscriber = ImageSubscriber(self.config, self.suffix, ctx=self.ctx, stats=self.counters).connect()
@@ -345,9 +347,22 @@ class WriterDriver(Service):
             self._call_all("close_file", WriterAction(close_file={}), self.ack_timeout)
             self._write_master(start)
         except RunFailed as exc:
+            self._fail(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - whatever else goes wrong ends this run, not the driver
+            log.exception("recording into %s failed", start.path)
+            self._fail(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
             if subscriber is not None:
                 subscriber.close()
-            self._fail(str(exc))
+        lost = self.counters.totals().get("lost", 0) - lost_before
+        if lost:  # published, but overwritten before the driver read them: the files have holes
+            self.counters.add("failed_runs")
+            reason = (f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them (driver too "
+                      f"slow, or RAM buffer too small); the files hold the {self.count} images recorded")
+            log.error("recording into %s: %s", start.path, reason)
+            self._set_status(Status.error, reason)
             return
         log.info("recorded %d images into %s", self.count, start.path)
         self._set_status(Status.file_saved)
@@ -589,11 +604,24 @@ class WriterDriver(Service):
         return None
 
     def _preflight(self, command: StartCommand):
+        self._check_source()
         files = [command.raw_file(i) for i in range(len(self.links))] + [command.master_file]
         if self.with_meta:
             files.append(command.meta_file)
         return preflight(command, image_n_bytes=self.config.image_n_bytes, files=files,
                          switch_user=self.config.switch_user_active)
+
+
+    def _check_source(self) -> None:
+        """PreflightError if the source's RAM buffer exists but cannot be read with this config
+        (another size: a source started with another config; no permission): no image of it
+        would ever be recorded. One not there yet is fine: the run waits for its first image."""
+        try:
+            RamBuffer.attach(BufferLayout.of(self.config, self.suffix)).close()
+        except BufferMissingError:
+            return
+        except (BusError, OSError) as exc:
+            raise PreflightError(f"the source cannot be recorded: {exc}") from None
 
 
 def _put_latest(client: asyncio.Queue, message: dict[str, Any]) -> None:
