@@ -431,3 +431,24 @@ def test_a_compressed_image_whose_blob_holds_another_size_is_refused(make_config
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert [int(i) for i in f[f"{config.detector_name}/metadata"]["image_id"]] == [2]
         assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(2, config.shape, config.dtype))
+
+
+def test_an_unforeseen_error_while_closing_still_closes_the_file_and_sockets(make_config, tmp_path,
+                                                                              monkeypatch) -> None:
+    """Only StorageError was caught: any other exception out of the last flush left the HDF5 file
+    open and the sockets too, and the writer's close() then hung in the context's term()."""
+    from stddaq.storage import hdf5
+
+    config, _ = make_config(number_of_writers=1, ram_buffer_slots=16)
+    with ImagePublisher(config) as source:
+        writer, _answers = _in_process_writer(config, tmp_path)
+        _record(writer, _publish(source, config, 1))
+        h5file = writer.file._file
+
+        def broken(self) -> None:
+            raise ValueError("injected")
+
+        monkeypatch.setattr(hdf5.ImageFile, "_write_rows", broken)
+        writer.close()
+    assert not h5file.id.valid and writer._pull is None and writer._push is None
+    assert not os.path.exists(config.ipc_address("writer-0")[len("ipc://"):])

@@ -116,18 +116,21 @@ class Writer(Service):
         return True
 
     def _close(self) -> None:
-        if self.file is not None:
-            try:
+        """Close the file (as well as it can be), then the sockets whatever happened (an open
+        socket would hang the context's term() for ever)."""
+        try:
+            if self.file is not None:
                 self._close_file()
-            except StorageError as exc:
-                log.error("%s", exc)
-        for sock in (self._pull, self._push):
-            if sock is not None:
-                sock.close(0)
-        self._pull = self._push = None
-        if self._bound:
-            unlink_ipc(self.response_address)
-            self._bound = False
+        except Exception as exc:  # noqa: BLE001 - reported; the sockets must still go
+            log.error("closing the file: %s", exc)
+        finally:
+            for sock in (self._pull, self._push):
+                if sock is not None:
+                    sock.close(0)
+            self._pull = self._push = None
+            if self._bound:
+                unlink_ipc(self.response_address)
+                self._bound = False
         if self.buffer is not None:
             self.buffer.close()
             self.buffer = None
@@ -296,8 +299,9 @@ class Writer(Service):
         except WriteFailed as exc:
             self._write_failed(exc)
             return
-        except (StorageError, BusError, codecs.CodecError, ValueError, TypeError, OverflowError) as exc:
-            # ValueError .. OverflowError: a metadata value the file cannot hold; the next image goes on
+        except (StorageError, BusError, codecs.CodecError, ValueError, TypeError, OverflowError, RuntimeError) as exc:
+            # ValueError .. OverflowError: a metadata value the file cannot hold; RuntimeError: data h5py
+            # or blosc2 refuses; the next image goes on
             self._lost(image_id, str(exc))
             return
         self.counters.processed(metadata.size)

@@ -590,6 +590,8 @@ class ImageFile:
             self.flush()
         except StorageError as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - whatever it was, the file is still closed below
+            error = StorageError(f"cannot flush {self.path}: {type(exc).__name__}: {exc}")
         try:
             if self.failure is not None:
                 self._data_extent.set(self._written)
