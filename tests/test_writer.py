@@ -452,3 +452,57 @@ def test_an_unforeseen_error_while_closing_still_closes_the_file_and_sockets(mak
         writer.close()
     assert not h5file.id.valid and writer._pull is None and writer._push is None
     assert not os.path.exists(config.ipc_address("writer-0")[len("ipc://"):])
+
+
+def _user_with_a_group() -> tuple[int, int]:
+    """A system user (uid, primary gid) other than root, for the switch_user tests (root only)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root")
+    for entry in pwd.getpwall():
+        if entry.pw_uid not in (0, 65534) and entry.pw_gid not in (0, 65534):
+            return entry.pw_uid, entry.pw_gid
+    pytest.skip("no system user with its own group here")
+
+
+def test_switch_user_writes_with_the_users_groups_and_reads_a_ring_only_root_may(make_config, service,
+                                                                                 driver) -> None:
+    """switch_user_active, writer_id = a user who may write the directory only through their
+    group, a ring readable by root only (its source ran with umask 077). The writer switched
+    only its uid: every run failed (Permission denied) in a directory the driver's pre-flight
+    had accepted, and the ring, mapped after the switch, killed the writer (PermissionError).
+    The file is written as the user and their group; the ring is read as the writer's user."""
+    uid, gid = _user_with_a_group()
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=16, switch_user_active=True)
+    base = Path(tempfile.mkdtemp(prefix="stddaq-switch-user-"))  # pytest's tmp_path is root's only (0700)
+    os.chmod(base, 0o755)
+    run_dir = base / "run"
+    run_dir.mkdir()
+    os.chown(run_dir, 0, gid)
+    os.chmod(run_dir, 0o770)
+    umask = os.umask(0o077)
+    try:
+        publisher = ImagePublisher(config).open()
+    finally:
+        os.umask(umask)
+    try:
+        assert os.stat(f"/dev/shm/{config.channel('image')}").st_mode & 0o077 == 0
+        proc = service(WRITER, path, 0)
+        d = driver(config)
+        answer = d.create(run_dir / "file0.h5", user_id=uid)
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+        for image_id in range(3):
+            d.record(_publish(publisher, config, image_id))
+        assert d.confirm().code == ResponseCode.SUCCESS
+        assert d.close_file().code == ResponseCode.SUCCESS
+        assert proc.proc.poll() is None
+        st = os.stat(run_dir / "file0.h5")
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+        with h5py.File(run_dir / "file0.h5", "r") as f:
+            data = f[f"{config.detector_name}/data"][:]
+        assert len(data) == 3 and all(np.array_equal(data[k], ramp(k, config.shape, config.dtype)) for k in range(3))
+        assert proc.stop() == 0
+    finally:
+        publisher.close()
+        shutil.rmtree(base)

@@ -143,12 +143,13 @@ def writable_by(path: Path, uid: int) -> bool:
         return True
     if st.st_uid == uid:
         return bool(st.st_mode & stat.S_IWUSR) and bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid in _groups_of(uid):
+    if st.st_gid in groups_of(uid):
         return bool(st.st_mode & stat.S_IWGRP) and bool(st.st_mode & stat.S_IXGRP)
     return bool(st.st_mode & stat.S_IWOTH) and bool(st.st_mode & stat.S_IXOTH)
 
 
-def _groups_of(uid: int) -> set[int]:
+def groups_of(uid: int) -> set[int]:
+    """The groups of user ``uid`` (primary and supplementary); none for a uid without a passwd entry."""
     try:
         user = pwd.getpwuid(uid)
     except KeyError:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,10 +37,11 @@ from google.protobuf.message import DecodeError
 from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.bus.sockets import bind, unlink_ipc
 from stddaq.config import DetectorConfig
-from stddaq.errors import BusError, StorageError, UsageError, WriteFailed
+from stddaq.errors import BufferMissingError, BusError, StorageError, UsageError, WriteFailed
 from stddaq.formats import compression as codecs
 from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ResponseCode, WriterAction, WriterResponse
 from stddaq.services.base import ArgumentParser, Service, service_main
+from stddaq.services.driver_control import groups_of
 from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, NONE, ImageFile, MetadataFile
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class Writer(Service):
         self._action = WriterAction()
         self._pending: list[str] = []   # reasons of images lost since the last answer
         self._n_pending = 0
-        self._user_switched = False
+        self._switched: tuple[int, tuple[int, list[int]]] | None = None  # (uid, saved egid and groups)
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
@@ -220,6 +222,13 @@ class Writer(Service):
         path = Path(path_text)
         if not path.is_absolute():
             return False, f"create_file path {path_text!r} is not absolute"
+        if not self.is_meta:
+            try:  # mapped while still root: the switched user may not be allowed to read the ring
+                self._source()
+            except BufferMissingError:
+                pass  # not there yet: mapped with the first image
+            except (BusError, OSError) as exc:
+                log.warning("writer %s: %s", self.writer_index, exc)
         try:
             self._switch_user(user_id)
             if self.is_meta:
@@ -236,19 +245,38 @@ class Writer(Service):
         return True, previous.lstrip("; ")
 
     def _switch_user(self, user_id: int) -> None:
-        """As upstream: with switch_user_active the file is written as ``user_id`` (0 = as is)."""
+        """As upstream: with switch_user_active the file is written as ``user_id`` (0 = as is).
+
+        With the user's groups and primary group too (a uid without a passwd entry: no groups,
+        the group kept): the driver's pre-flight judges a directory by them, and only the uid
+        would leave root's groups, so a directory the user may write through a group failed."""
         if not self.config.switch_user_active or user_id <= 0 or user_id == os.geteuid():
             return
+        saved = (os.getegid(), os.getgroups())
         try:
+            entry = pwd.getpwuid(user_id)
+        except KeyError:
+            entry = None
+        try:
+            os.setgroups(sorted(groups_of(user_id)))
+            if entry is not None:
+                os.setegid(entry.pw_gid)
             os.seteuid(user_id)
         except OSError as exc:
+            self._restore_groups(saved)
             raise StorageError(f"cannot write as user id {user_id}: {exc.strerror}") from None
-        self._user_switched = True
+        self._switched = (user_id, saved)
 
     def _restore_user(self) -> None:
-        if self._user_switched:
+        if self._switched is not None:
             os.seteuid(0)
-            self._user_switched = False
+            self._restore_groups(self._switched[1])
+            self._switched = None
+
+    @staticmethod
+    def _restore_groups(saved: tuple[int, list[int]]) -> None:
+        os.setegid(saved[0])
+        os.setgroups(saved[1])
 
     def _confirm(self) -> tuple[bool, str]:
         if self.file is not None:
@@ -299,9 +327,10 @@ class Writer(Service):
         except WriteFailed as exc:
             self._write_failed(exc)
             return
-        except (StorageError, BusError, codecs.CodecError, ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        except (StorageError, BusError, codecs.CodecError, ValueError, TypeError, OverflowError, RuntimeError,
+                OSError) as exc:
             # ValueError .. OverflowError: a metadata value the file cannot hold; RuntimeError: data h5py
-            # or blosc2 refuses; the next image goes on
+            # or blosc2 refuses; OSError: a ring it may not map; the next image goes on
             self._lost(image_id, str(exc))
             return
         self.counters.processed(metadata.size)
@@ -318,7 +347,14 @@ class Writer(Service):
                     self.file.release_borrowed()  # checked against the old buffer while it is still there
                 self.buffer.close()
                 self.buffer = None
-            self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")
+            switched = self._switched
+            if switched is not None:
+                os.seteuid(0)  # the ring is read as the writer's own user, the file written as the other
+            try:
+                self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")
+            finally:
+                if switched is not None:
+                    os.seteuid(switched[0])
             self._buffer_inode = inode
         return self.buffer
 
