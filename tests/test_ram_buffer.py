@@ -112,6 +112,27 @@ def test_attach_with_other_size_is_refused() -> None:
             RamBuffer.attach(BufferLayout(name, slot_n_bytes=1 << 20, n_slots=2))
 
 
+@pytest.mark.parametrize("theirs,message", [
+    ((3008, 8), r"was made with 8 slots of 3008 bytes, this config implies 8 slots of 3072 bytes"),
+    ((3072, 16), r"was not made with this config's 8 slots of 3072 bytes \(its overwrite guard has no layout"),
+    ((3072, 4), r"its overwrite guard has no layout where this config expects it"),
+])
+def test_attach_with_another_layout_of_the_same_size_is_refused(theirs, message) -> None:
+    """The object is a whole number of 2 MiB: 8 or 16 slots of 3 kB, or slots of 3008 and 3072
+    bytes, are the same size. A reader with the other layout read every image at the wrong
+    offset with the guard saying complete (a camera's ROI changed and one service kept its
+    old config); the guard's layout record tells it."""
+    name = unique_name() + "-image"
+    slot_n_bytes, n_slots = theirs
+    with RamBuffer.create(BufferLayout(name, slot_n_bytes=slot_n_bytes, n_slots=n_slots)):
+        mine = BufferLayout(name, slot_n_bytes=3072, n_slots=8)
+        assert os.stat(f"/dev/shm/{name}").st_size == mine.n_bytes  # the size alone cannot tell
+        with pytest.raises(BufferLayoutError, match=message):
+            RamBuffer.attach(mine)
+    with RamBuffer.create(BufferLayout(name, slot_n_bytes=3072, n_slots=8)):
+        RamBuffer.attach(BufferLayout(name, slot_n_bytes=3072, n_slots=8)).close()
+
+
 def test_second_writer_is_refused() -> None:
     layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
     with RamBuffer.create(layout):

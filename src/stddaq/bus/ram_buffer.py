@@ -11,6 +11,12 @@ per slot, a seqlock: before copying image ``id`` into its slot the writer stores
 but ``2*id + 2`` before or after it used the slot knows the slot no longer holds that image. The
 main object stays byte-identical to upstream; a buffer made by a C++ writer simply has no
 side-car, and readers then say once that they cannot detect overwrites.
+
+After the per-slot words, the side-car holds the layout its writer made (``LAYOUT_MAGIC``, slot
+bytes, slots, 0). The main object is a whole number of 2 MiB, so its size alone does not tell a
+reader whose config implies another slot size or count (a camera's ROI changed, the writer
+restarted with the new config, a reader did not): it would read every image at the wrong offset
+with the guard saying complete. ``attach`` compares the record with its own layout first.
 """
 
 from __future__ import annotations
@@ -31,9 +37,31 @@ from stddaq.errors import BufferLayoutError, BufferMissingError, BusError
 log = logging.getLogger(__name__)
 
 GUARD_SUFFIX = ".seq"
+#: the first word of the layout record after the guard's per-slot words ("stddaqL1")
+LAYOUT_MAGIC = int.from_bytes(b"stddaqL1", "little")
+_LAYOUT_WORDS = 4  # magic, slot bytes, slots, 0
 #: madvise advice (Linux 5.14); Python's mmap module has no name for it
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _BYTE = np.dtype(np.uint8)
+
+
+def _guard_n_bytes(layout: BufferLayout) -> int:
+    return _round_up(8 * (layout.n_slots + _LAYOUT_WORDS))
+
+
+def _layout_problem(layout: BufferLayout, guard: mmap.mmap | None) -> str | None:
+    """Why the buffer whose guard is ``guard`` was not made with ``layout`` (None: it was)."""
+    mine = f"{layout.n_slots} slots of {layout.slot_n_bytes} bytes"
+    if guard is None or len(guard) < 8 * (layout.n_slots + _LAYOUT_WORDS):
+        return f"has an overwrite guard too small for this config's {mine}: made with fewer slots"
+    magic, slot_n_bytes, n_slots, _ = (int(v) for v in np.frombuffer(guard, np.uint64, _LAYOUT_WORDS,
+                                                                          8 * layout.n_slots))
+    if magic != LAYOUT_MAGIC:
+        return (f"was not made with this config's {mine} (its overwrite guard has no layout where this "
+                f"config expects it: made with another number of slots, or by an older stddaq)")
+    if (slot_n_bytes, n_slots) != (layout.slot_n_bytes, layout.n_slots):
+        return f"was made with {n_slots} slots of {slot_n_bytes} bytes, this config implies {mine}"
+    return None
 
 
 def _round_up(n_bytes: int) -> int:
@@ -159,7 +187,9 @@ class RamBuffer:
         lock_fd = guard = None
         try:
             _unlink(layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
-            guard = _open_shm(layout.name + GUARD_SUFFIX, _round_up(8 * layout.n_slots), create=True, writable=True)
+            guard = _open_shm(layout.name + GUARD_SUFFIX, _guard_n_bytes(layout), create=True, writable=True)
+            np.frombuffer(guard, np.uint64, _LAYOUT_WORDS, 8 * layout.n_slots)[:] = (
+                LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, 0)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, layout.n_bytes)
@@ -196,10 +226,18 @@ class RamBuffer:
         else:
             try:
                 size = os.fstat(fd).st_size
-                if size >= 8 * layout.n_slots:
+                if size > 0:  # 0: its writer has claimed the name and not sized it yet
                     guard = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:
                 os.close(fd)
+            problem = _layout_problem(layout, guard)
+            if problem is not None:
+                for m in (data, guard):
+                    if m is not None:
+                        m.close()
+                raise BufferLayoutError(
+                    f"shared memory /dev/shm/{layout.name} {problem} (check image size, bit_depth, "
+                    f"ram_buffer_gb/ram_buffer_slots against the service that created it)")
         return cls(layout, data, guard, owner=False)
 
     def populate(self, image_id: int) -> None:
