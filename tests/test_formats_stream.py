@@ -58,6 +58,8 @@ def _a10(**fields) -> bytes:
     ([_a10(shape=[2, 0]), bytes(12)], "'shape'"),
     ([_a10(shape=[2, "3"]), bytes(12)], "'shape'"),
     ([_a10(type="complex64"), bytes(12)], "'type'"),
+    ([_a10(type=[]), bytes(12)], r"'type' is \[\] \(allowed: uint8"),  # was TypeError: it stopped the receiver
+    ([_a10(type={"a": 1}), bytes(12)], "'type'"),
     ([_a10(frame=-1), bytes(12)], "'frame'"),
     ([_a10(frame=None), bytes(12)], "'frame'"),
     ([_a10(endianness="big"), bytes(12)], "'endianness'"),
@@ -138,7 +140,9 @@ def _bs(main: dict | None = None, channel: dict | None = None, data: bytes | Non
     (_bs(fix_hash=False), "md5"),
     (_bs(channel={"shape": [8]}), "'shape'"),
     (_bs(channel={"type": "string"}), "'type'"),
+    (_bs(channel={"type": ["x"]}), r"'type' is \['x'\]"),  # was TypeError: it stopped the receiver
     (_bs(channel={"compression": "lz4"}), "'compression'"),
+    (_bs(channel={"compression": {}}), "'compression' is {}"),
     (_bs(channel={"name": 3}), "'name'"),
     (_bs(channel={"encoding": "big"}), "'encoding'"),
     (_bs(channel={"shape": [8, 3]}), "header says 32 bytes"),

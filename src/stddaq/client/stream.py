@@ -87,9 +87,9 @@ class LiveStreamClient:
             parts = sock.recv_multipart(copy=False)
             try:
                 header, pixels = decode([p.buffer for p in parts])
-            except FormatError as exc:
+            except (ValueError, TypeError, KeyError) as exc:  # FormatError, or what the format checks missed
                 self.stats["invalid"] += 1
-                self.last_error = str(exc)
+                self.last_error = str(exc) if isinstance(exc, FormatError) else f"{type(exc).__name__}: {exc}"
                 continue
             frame = image_id(header)
             if self.last_id is not None and frame > self.last_id + 1:

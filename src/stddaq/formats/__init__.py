@@ -19,6 +19,14 @@ def check_integer(value, field: str, high: int = _UINT64_END - 1) -> int:
     return value
 
 
+def check_choice(value, field: str, allowed) -> str:
+    """``value`` if it is one of the strings ``allowed``; else FormatError naming ``field`` and
+    what is allowed (a JSON list or object there is refused, not a TypeError of a dict lookup)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise FormatError(f"{field} is {value!r} (allowed: {', '.join(allowed)})")
+    return value
+
+
 def type_name(dtype, types: dict, format_name: str) -> str:
     """The stream "type" of a numpy dtype in a format whose allowed types are ``types``;
     FormatError if that format cannot carry it (big endian, or a type it lacks)."""

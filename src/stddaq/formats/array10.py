@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stddaq.formats import MAX_IMAGE_ID, FormatError, check_integer
+from stddaq.formats import MAX_IMAGE_ID, FormatError, check_choice, check_integer
 from stddaq.formats import type_name as _type_name
 
 HTYPE = "array-1.0"
@@ -94,9 +94,7 @@ def _check(header: dict) -> Array10Header:
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
         raise FormatError(f"array-1.0 header field 'shape' is {shape!r}, expected [height, width] of integers > 0")
-    kind = header.get("type")
-    if kind not in READ_TYPES:
-        raise FormatError(f"array-1.0 header field 'type' is {kind!r} (allowed: {', '.join(READ_TYPES)})")
+    kind = check_choice(header.get("type"), "array-1.0 header field 'type'", READ_TYPES)
     frame = check_integer(header.get("frame"), "array-1.0 header field 'frame'", MAX_IMAGE_ID)
     if header.get("endianness", "little") != "little":
         raise FormatError(f"array-1.0 header field 'endianness' is {header['endianness']!r}, only 'little' is read")

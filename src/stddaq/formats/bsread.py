@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stddaq.formats import MAX_IMAGE_ID, FormatError, check_integer
+from stddaq.formats import MAX_IMAGE_ID, FormatError, check_choice, check_integer
 from stddaq.formats import type_name as _type_name
 from stddaq.formats.compression import CodecError, bitshuffle_lz4_decode
 
@@ -132,13 +132,9 @@ def decode_data_header(data: bytes | memoryview) -> BsreadChannel:
     if (not isinstance(shape, list) or len(shape) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
         raise FormatError(f"bsread channel {name!r} field 'shape' is {shape!r}, expected [width, height] of integers > 0")
-    kind = channel.get("type", "float64")
-    if kind not in TYPES:
-        raise FormatError(f"bsread channel {name!r} field 'type' is {kind!r} (allowed: {', '.join(TYPES)})")
-    compression = channel.get("compression", "none")
-    if compression not in READ_COMPRESSIONS:
-        raise FormatError(f"bsread channel {name!r} field 'compression' is {compression!r} "
-                          f"(allowed: {', '.join(READ_COMPRESSIONS)})")
+    kind = check_choice(channel.get("type", "float64"), f"bsread channel {name!r} field 'type'", TYPES)
+    compression = check_choice(channel.get("compression", "none"), f"bsread channel {name!r} field 'compression'",
+                               READ_COMPRESSIONS)
     if channel.get("encoding", "little") != "little":
         raise FormatError(f"bsread channel {name!r} field 'encoding' is {channel['encoding']!r}, only 'little' is read")
     return BsreadChannel(name, (shape[1], shape[0]), kind, compression)

@@ -220,6 +220,9 @@ class StreamReceiver(Service):
         except FormatError as exc:
             self._reject("invalid", str(exc))
             return False
+        except (ValueError, TypeError, KeyError) as exc:  # what the format checks missed: still one bad message
+            self._reject("invalid", f"undecodable {self.stream_type} message: {type(exc).__name__}: {exc}")
+            return False
         problem = check_against_config(self.config, image_id, pixels)
         if problem is not None:
             self._reject("mismatch", problem)
