@@ -119,3 +119,109 @@ def test_up_rejects_a_driver_port_out_of_range() -> None:
     out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", "--driver-port", "70000", "--duration", "1"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "70000 is not allowed: must be a TCP port 0..65535" in out.stderr
+
+
+def test_a_child_refusing_its_config_is_not_restarted() -> None:
+    """Exit code 2 is a usage or config error: a restart fails the same way (it was retried 6
+    times, ~20 s, before the deployment gave up)."""
+    refuser = ServiceSpec("refuser", [sys.executable, "-c", "import sys; print('bad key'); sys.exit(2)"])
+    out = io.StringIO()
+    supervisor = Supervisor([refuser], backoff=0.02, out=out)
+    assert supervisor.run(duration=60) == 1
+    assert "refuser refused its arguments or config" in supervisor.failed
+    assert out.getvalue().count("[refuser] bad key") == 1
+
+
+def test_a_broken_output_does_not_block_the_children() -> None:
+    """`stddaq up | head`: the forwarding thread died at the first failed write and stopped
+    reading the child's pipe; once the pipe was full the child blocked in its next log line."""
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    done = Path(f"/tmp/stddaq-test-forward-{os.getpid()}")
+    talker = ServiceSpec("talker", [sys.executable, "-c", f"import pathlib, time\nfor i in range(5000): print('x' * 100)\n"
+                                                          f"pathlib.Path({str(done)!r}).touch(); time.sleep(60)"])
+    supervisor = Supervisor([talker], grace=1, out=Broken())
+    thread = _run(supervisor)
+    try:
+        assert wait_until(done.exists, timeout=20), "the child blocked writing its output"
+    finally:
+        supervisor.stop()
+        thread.join(timeout=15)
+        done.unlink(missing_ok=True)
+
+
+def test_a_child_that_cannot_start_stops_those_started() -> None:
+    sleeper = ServiceSpec("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    missing = ServiceSpec("missing", ["/nonexistent/stddaq-service"])
+    supervisor = Supervisor([sleeper, missing], grace=2, out=io.StringIO())
+    with pytest.raises(FileNotFoundError):
+        supervisor.run(duration=60)
+    assert supervisor.children[0].process.poll() is not None
+
+
+def test_stop_first_children_finish_while_the_others_still_run(tmp_path) -> None:
+    """The driver saves a recording when stopped, which needs its writers: they were all
+    signalled at once, so the writers were gone and the recording ended in error, no master."""
+    pid_file = tmp_path / "worker.pid"
+    worker = ServiceSpec("worker", [sys.executable, "-c", f"import os, pathlib, time; pathlib.Path({str(pid_file)!r})"
+                                                          ".write_text(str(os.getpid())); time.sleep(60)"])
+    saver = ServiceSpec("saver", [sys.executable, "-c",
+                                  "import os, pathlib, signal, sys, time\n"
+                                  "def saving(*_):\n"
+                                  "    time.sleep(1)  # saving takes a while; its worker must still be there\n"
+                                  f"    pid = int(pathlib.Path({str(pid_file)!r}).read_text())\n"
+                                  "    os.kill(pid, 0)  # raises if the worker is gone\n"
+                                  "    print('saved with the worker running', flush=True); sys.exit(0)\n"
+                                  "signal.signal(signal.SIGTERM, saving)\n"
+                                  "print('up', flush=True)\n"
+                                  "while True: time.sleep(1)"], stop_first=True, grace=20)
+    out = io.StringIO()
+    supervisor = Supervisor([worker, saver], grace=5, out=out)
+    thread = _run(supervisor)
+    assert wait_until(lambda: "[saver] up" in out.getvalue() and pid_file.exists(), timeout=15)
+    supervisor.stop()
+    thread.join(timeout=30)
+    assert "[saver] saved with the worker running" in out.getvalue(), out.getvalue()
+    assert supervisor.failed is None
+
+
+def test_a_killed_child_fails_the_run_and_its_leftovers_are_removed(tmp_path) -> None:
+    left = tmp_path / "det-driver-0"
+    stubborn = ServiceSpec("stubborn", [sys.executable, "-c",
+                                        f"import pathlib, signal, time; pathlib.Path({str(left)!r}).touch();"
+                                        "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True);"
+                                        "time.sleep(60)"])
+    out = io.StringIO()
+    supervisor = Supervisor([stubborn], grace=0.5, out=out, leftovers=[left])
+    thread = _run(supervisor)
+    assert wait_until(lambda: "[stubborn] up" in out.getvalue(), timeout=15)
+    supervisor.stop()
+    thread.join(timeout=15)
+    assert supervisor.failed == "stubborn did not stop in time and was killed"
+    assert not left.exists()
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
+def test_children_end_with_the_supervisor_however_it_ends(make_config, how) -> None:
+    """The supervisor ended by SIGHUP (its ssh session closed) or SIGKILL left its children
+    running, orphaned with their shm and sockets."""
+    config, path = make_config(number_of_writers=0)
+    proc = subprocess.Popen([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "120"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    shm = Path(f"/dev/shm/{config.channel('image')}")
+    try:
+        assert wait_until(shm.exists, timeout=30)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert children
+        proc.send_signal(getattr(signal, how))
+        assert wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                          "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
+                                          for pid in children), timeout=20), "children still running"
+        assert wait_until(lambda: not shm.exists(), timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)

@@ -27,6 +27,8 @@ MIN_SLOTS = 1000
 DETECTOR_TYPES = ("gigafrost", "eiger", "pco", "jungfrau-raw", "jungfrau-converted")
 LOG_LEVELS = ("debug", "info", "warning", "error", "off")
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+#: the bus channel (suffix) each compression stage writes
+STAGE_SUFFIXES = {"blosc2": "blosc2", "h5bitshuffle_lz4": "h5bitshuffle-lz4"}
 
 StrictPositiveInt = Annotated[int, Field(strict=True, gt=0)]
 StrictNonNegativeInt = Annotated[int, Field(strict=True, ge=0)]

@@ -2,8 +2,13 @@
 
 The supervisor owns its child processes: it forwards their output line by line with the
 service's name in front, restarts one that crashed (with a growing pause, and gives up after a
-few quick crashes in a row), and on Ctrl-C/SIGTERM stops them all: SIGTERM, then SIGKILL for any
-that has not ended after a grace period.
+few quick crashes in a row; a child that exits 2, a usage or config error, is not restarted:
+it would fail the same way), and on Ctrl-C/SIGTERM/SIGHUP stops them all. First the services
+that must finish their work with the others still running (the writer driver saves the files of
+a recording, which needs its writers), each with its own grace period; then the rest, consumers
+before producers: SIGTERM, then SIGKILL for any that has not ended after the grace period. The
+children get SIGTERM from the kernel if the supervisor itself dies (even by SIGKILL). Once all
+have ended, ipc sockets and shm objects of the detector that a killed child left are removed.
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stddaq.config import DetectorConfig
+from stddaq.bus.ram_buffer import GUARD_SUFFIX
+from stddaq.config import STAGE_SUFFIXES, DetectorConfig
 from stddaq.errors import UsageError
+from stddaq.services.base import STOP_SIGNALS, SUPERVISOR_ENV
 
 log = logging.getLogger("stddaq.up")
 
 DEMO_RATE_HZ = 1000
 DRIVER_PORT = 8080  # the writer driver's websocket, upstream's default
 MAX_QUICK_RESTARTS = 5
+#: how long a stopping driver may take to save a recording (confirm, close, master) before it is killed
+DRIVER_STOP_GRACE = 60.0
+#: exit code of a service refusing its arguments or config: restarting it would fail the same way
+USAGE_EXIT = 2
 QUICK = 10.0  # a child that dies sooner than this after its start counts as a quick crash
 
 
@@ -45,6 +56,9 @@ class ServiceSpec:
     argv: list[str]
     restart: bool = True
     critical: bool = False  # when it ends by itself (exit 0), the deployment ends
+    #: stopped (and waited for, up to ``grace`` s) before all the others: it needs them to finish
+    stop_first: bool = False
+    grace: float | None = None  # None: the supervisor's
 
 
 @dataclass
@@ -121,15 +135,18 @@ def plan(config: DetectorConfig, config_path: Path, *, demo: bool = False,
                   for i in range(config.number_of_writers)]
         specs.append(ServiceSpec("std_det_writer-meta", py + ["stddaq.services.writer", path, "meta"]))
         specs.append(ServiceSpec("std_det_driver", py + ["stddaq.services.driver", path, "-m",
-                                                         "-p", str(driver_port)]))
+                                                         "-p", str(driver_port)],
+                                 stop_first=True, grace=DRIVER_STOP_GRACE))
     return specs
 
 
 class Supervisor:
     """Runs a list of ServiceSpec as child processes until ``stop()``."""
 
-    def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, backoff: float = 0.5, out=None) -> None:
+    def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, backoff: float = 0.5, out=None,
+                 leftovers: list[Path] = ()) -> None:
         self.children = [_Child(spec) for spec in specs]
+        self.leftovers = list(leftovers)  # the deployment's ipc sockets and shm objects (deployment_paths)
         self.grace = grace
         self.backoff = backoff
         self._stop = threading.Event()
@@ -138,7 +155,7 @@ class Supervisor:
         self.failed: str | None = None
 
     def _spawn(self, child: _Child) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUPERVISOR_ENV: str(os.getpid())})
         child.process = subprocess.Popen(child.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         child.started = time.monotonic()
@@ -149,10 +166,18 @@ class Supervisor:
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
 
     def _forward(self, name: str, process: subprocess.Popen) -> None:
+        """Print the child's lines; if our output breaks (``stddaq up | head``), keep reading
+        them: a child whose pipe is full blocks in its next log line, and its data flow with it."""
+        printing = True
         for raw in process.stdout:
+            if not printing:
+                continue
             line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self._out_lock:
-                print(f"[{name}] {line}", file=self._out, flush=True)
+            try:
+                with self._out_lock:
+                    print(f"[{name}] {line}", file=self._out, flush=True)
+            except (OSError, ValueError):
+                printing = False
         process.stdout.close()
 
     def stop(self) -> None:
@@ -160,9 +185,9 @@ class Supervisor:
 
     def run(self, duration: float | None = None) -> int:
         deadline = None if duration is None else time.monotonic() + duration
-        for child in self.children:
-            self._spawn(child)
         try:
+            for child in self.children:  # inside: if one cannot start, those started are stopped
+                self._spawn(child)
             while not self._stop.wait(0.1):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
@@ -190,6 +215,10 @@ class Supervisor:
                 log.info("%s exited with code %d", child.spec.name, code)
                 child.process = None
                 continue
+            if code == USAGE_EXIT:
+                self.failed = f"{child.spec.name} refused its arguments or config (exit code 2: see its message above)"
+                log.error("%s; stopping the deployment", self.failed)
+                return False
             child.quick_crashes = child.quick_crashes + 1 if now - child.started < QUICK else 1
             if child.quick_crashes > MAX_QUICK_RESTARTS:
                 self.failed = f"{child.spec.name} crashed {child.quick_crashes} times in a row (exit code {code})"
@@ -201,20 +230,58 @@ class Supervisor:
         return True
 
     def _terminate(self) -> None:
-        running = [c.process for c in self.children if c.process is not None and c.process.poll() is None]
-        for proc in reversed(running):  # consumers first, producers last
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace
-        for proc in running:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop within %.1f s; killing it", proc.pid, self.grace)
-                proc.kill()
-                proc.wait()
+        first = [c for c in self.children if c.spec.stop_first]
+        rest = [c for c in reversed(self.children) if not c.spec.stop_first]  # consumers first, producers last
+        killed = self._stop_children(first) + self._stop_children(rest)
         for child in self.children:
             for thread in child.threads:
                 thread.join(timeout=2)
+        if killed:
+            self.failed = self.failed or f"{', '.join(killed)} did not stop in time and was killed"
+            self._remove_leftovers()
+
+    def _stop_children(self, children: list[_Child]) -> list[str]:
+        """SIGTERM each, wait up to its grace, SIGKILL the late ones; the names of those killed."""
+        running = [c for c in children if c.process is not None and c.process.poll() is None]
+        for child in running:
+            child.process.send_signal(signal.SIGTERM)
+        killed = []
+        start = time.monotonic()
+        for child in running:
+            grace = self.grace if child.spec.grace is None else child.spec.grace
+            try:
+                child.process.wait(max(0.0, start + grace - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop within %.1f s; killing it", child.spec.name, child.process.pid,
+                            grace)
+                child.process.kill()
+                child.process.wait()
+                killed.append(child.spec.name)
+        return killed
+
+    def _remove_leftovers(self) -> None:
+        """What killed children could not remove: the deployment's ipc sockets and shm objects
+        (every process of the deployment has ended: none of them is in use)."""
+        for path in self.leftovers:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot remove %s, left by a killed service: %s", path, exc.strerror)
+                continue
+            log.info("removed %s, left by a killed service", path)
+
+
+def deployment_paths(config: DetectorConfig) -> list[Path]:
+    """The ipc socket files and shm objects the services ``plan`` starts make (named exactly:
+    another detector's names may begin with this one's)."""
+    channels = ["image", *(STAGE_SUFFIXES[codec] for codec in config.compression_stages)]
+    links = [f"{kind}-{key}" for key in [*range(config.number_of_writers), "meta"] for kind in ("driver", "writer")]
+    paths = [Path(config.ipc_address(name).removeprefix("ipc://")) for name in channels + links]
+    for name in channels:
+        paths += [Path("/dev/shm") / config.channel(name), Path("/dev/shm") / (config.channel(name) + GUARD_SUFFIX)]
+    return paths
 
 
 def up(config_path: str | None, duration: float | None = None, driver_port: int = DRIVER_PORT) -> int:
@@ -230,12 +297,13 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
             path = Path(config_path)
         config = DetectorConfig.load(path)
         check_ports_free(listening_ports(config, driver_port))
-        supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port))
+        supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
+                                leftovers=deployment_paths(config))
 
         def _on_signal(signum: int, _frame: object) -> None:
             supervisor.stop()
 
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
         try:
             return supervisor.run(duration)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -173,6 +174,28 @@ def setup_logging(level: int) -> None:
     logging.getLogger().setLevel(level)
 
 
+#: signals that stop a service cleanly (SIGHUP: its terminal or ssh session went away)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: set by `stddaq up` for its children: the supervisor's pid
+SUPERVISOR_ENV = "STDDAQ_SUPERVISOR_PID"
+
+
+def _die_with_supervisor() -> None:
+    """Under `stddaq up`: get SIGTERM when the supervisor is gone, however it ended (SIGKILL
+    too), instead of running on orphaned with its shm and sockets (Linux PR_SET_PDEATHSIG)."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != supervisor:  # it ended before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorConfig, Any], Service],
                  argv: Sequence[str] | None = None) -> int:
     """Parse, load the config (argument ``detector_json_filename``), run, map errors to exit codes."""
@@ -190,7 +213,8 @@ def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorCon
         log.info("%s: %s received, stopping", prog, signal.Signals(signum).name)
         service.stop()
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    _die_with_supervisor()
     try:
         service.start()
         service.run()

@@ -57,7 +57,7 @@ import numpy as np
 from stddaq.bus.publisher import ImagePublisher
 from stddaq.bus.ram_buffer import RamBuffer
 from stddaq.bus.subscriber import Image, ImageSubscriber
-from stddaq.config import DetectorConfig
+from stddaq.config import STAGE_SUFFIXES, DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats.compression import (
     BLOSC2_MAX_LEVEL,
@@ -105,7 +105,7 @@ MIN_LEVEL = 1
 def blosc2_codec(level: int = 5) -> Codec:
     if not MIN_LEVEL <= level <= BLOSC2_MAX_LEVEL:
         raise UsageError(f"-l/--level {level} is not allowed (allowed: {MIN_LEVEL}..{BLOSC2_MAX_LEVEL})")
-    return Codec("blosc2", "blosc2", int(ImageMetadataCompression.blosc2),
+    return Codec("blosc2", STAGE_SUFFIXES["blosc2"], int(ImageMetadataCompression.blosc2),
                  lambda pixels, out: blosc2_encode_into(pixels, out, level), blosc2_encoder_at(level))
 
 
@@ -114,7 +114,7 @@ def bitshuffle_lz4_codec(block_bytes: int, itemsize: int) -> Codec:
         check_block_bytes(block_bytes, itemsize)
     except ValueError as exc:
         raise UsageError(f"-b/--block_size: {exc}") from None
-    return Codec("h5bitshuffle_lz4", "h5bitshuffle-lz4", int(ImageMetadataCompression.h5bitshuffle_lz4),
+    return Codec("h5bitshuffle_lz4", STAGE_SUFFIXES["h5bitshuffle_lz4"], int(ImageMetadataCompression.h5bitshuffle_lz4),
                  lambda pixels, out: bitshuffle_lz4_encode_into(pixels, out, block_bytes))
 
 

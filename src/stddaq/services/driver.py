@@ -254,8 +254,13 @@ class WriterDriver(Service):
         self.links = [WriterLink(self.ctx, self.config, str(i), hwm) for i in range(self.config.number_of_writers)]
         self._thread = threading.Thread(target=self._control_thread, name="driver-websocket", daemon=True)
         self._thread.start()
-        if not self._ready.wait(10):
-            raise BusError(f"the websocket server on {self.host}:{self.port} did not start within 10 s")
+        deadline = time.monotonic() + 10
+        while not self._ready.wait(0.05):  # in slices: a stop while it starts is not kept waiting
+            if self.stopping:
+                log.info("stopped while starting")
+                return
+            if time.monotonic() > deadline:
+                raise BusError(f"the websocket server on {self.host}:{self.port} did not start within 10 s")
         if self._serve_error is not None:
             raise BusError(f"cannot serve the websocket on {self.host}:{self.port}: {self._serve_error}")
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host

@@ -54,9 +54,15 @@ class Simulator(Service):
         self._metadata = image_metadata(config)
         self._fill_detector_fields(self._metadata, 0)
         if self.wait_subscribers:
-            if not self.publisher.wait_for_subscribers(self.wait_subscribers, self.wait_timeout):
+            deadline = time.monotonic() + self.wait_timeout
+            while not self.publisher.wait_for_subscribers(self.wait_subscribers, 0.1):
+                if self.stopping:  # in slices: a stop while it waits is not kept waiting
+                    return
+                if time.monotonic() < deadline:
+                    continue
                 log.warning("only %d of %d subscribers after %.1f s; starting anyway",
                             self.publisher.subscriber_count(), self.wait_subscribers, self.wait_timeout)
+                break
         self._t0 = self.clock()
         log.info("simulating %s %s images %dx%d (%s pattern) on %s at %s", self.n_images or "endless",
                  config.detector_type, config.image_pixel_height, config.image_pixel_width, self.pattern,
