@@ -37,6 +37,14 @@ BAD = [
     ({"live_stream_configs": {"tcp://a:1": {"type": "burst"}}}, ["live_stream_configs", "burst", "forward"]),
     ({"live_stream_configs": {"tcp://a:1": {"type": "batch", "config": [5, 2]}}}, ["live_stream_configs", "Y must be <= N"]),
     ({"live_stream_configs": {"tcp://a:1": {"type": "periodic"}}}, ["live_stream_configs", "config"]),
+    # found by review: each passed here and failed later, in a service
+    ({"live_stream_configs": {"foo": {"type": "forward"}}}, ["live_stream_configs", "'foo'", "tcp://HOST:PORT"]),
+    ({"live_stream_configs": {"tcp://a:70000": {"type": "forward"}}}, ["live_stream_configs", "PORT 0..65535"]),
+    ({"bit_depth": 32}, ["bit_depth", "32", "gigafrost image slot, which holds 2 bytes per pixel"]),
+    ({"ram_buffer_gb": float("inf")}, ["ram_buffer_gb", "inf", "finite"]),
+    ({"stats_collection_period": float("inf")}, ["stats_collection_period", "finite"]),
+    ({"stats_collection_period": "5"}, ["stats_collection_period", "'5'"]),
+    ({"detector_name": "d" * 86}, ["detector_name", "at most 85 characters"]),
 ]
 
 

@@ -32,7 +32,9 @@ STAGE_SUFFIXES = {"blosc2": "blosc2", "h5bitshuffle_lz4": "h5bitshuffle-lz4"}
 
 StrictPositiveInt = Annotated[int, Field(strict=True, gt=0)]
 StrictNonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
-PositiveNumber = Annotated[float, Field(gt=0)]
+PositiveNumber = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+#: the longest ipc socket path is /tmp/<name>-h5bitshuffle-lz4, and a socket path has at most 107 bytes
+MAX_NAME_LENGTH = 107 - len("/tmp/") - len("-h5bitshuffle-lz4")
 
 
 class LiveStreamConfig(BaseModel):
@@ -70,7 +72,7 @@ class DetectorConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    detector_name: Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=200)]
+    detector_name: Annotated[str, Field(strict=True, pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
     detector_type: Literal["gigafrost", "eiger", "pco", "jungfrau-raw", "jungfrau-converted"]
     image_pixel_height: StrictPositiveInt
     image_pixel_width: StrictPositiveInt
@@ -81,7 +83,7 @@ class DetectorConfig(BaseModel):
     module_positions: dict[str, tuple[int, int, int, int]] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error", "off"] = "info"
     stats_collection_period: PositiveNumber = 10.0
-    ram_buffer_gb: Annotated[float, Field(ge=0)] = 0.0
+    ram_buffer_gb: Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)] = 0.0
     gpfs_block_size: StrictPositiveInt = 16 * 1024 * 1024
     number_of_writers: StrictNonNegativeInt = 0
     live_stream_configs: dict[str, LiveStreamConfig] = Field(default_factory=dict)
@@ -111,6 +113,23 @@ class DetectorConfig(BaseModel):
         if stage.block_size % (8 * itemsize):
             raise ValueError(f"h5bitshuffle_lz4 block_size {stage.block_size} is not a multiple of {8 * itemsize} "
                              f"(8 x {itemsize} bytes per pixel)")
+        return value
+
+    @field_validator("live_stream_configs")
+    @classmethod
+    def _check_stream_addresses(cls, value: dict[str, LiveStreamConfig]) -> dict:
+        for address in value:
+            host, _, port = address.removeprefix("tcp://").rpartition(":")
+            if not address.startswith("tcp://") or not host or not port.isdigit() or int(port) > 65535:
+                raise ValueError(f"address {address!r} is not allowed: a live stream binds tcp://HOST:PORT "
+                                 "(e.g. tcp://0.0.0.0:9100; PORT 0..65535)")
+        return value
+
+    @field_validator("bit_depth")
+    @classmethod
+    def _check_bit_depth_fits_the_slot(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("detector_type") == "gigafrost" and value > 16:  # SPEC: its slots hold 2 bytes a pixel
+            raise ValueError(f"bit_depth {value} does not fit a gigafrost image slot, which holds 2 bytes per pixel")
         return value
 
     @field_validator("module_positions")
@@ -236,9 +255,10 @@ def _describe(source: str, exc: ValidationError) -> str:
 
 
 _ALLOWED = {
-    "detector_name": f"letters, digits, '_', '.', '-' (pattern {NAME_PATTERN})",
+    "detector_name": f"letters, digits, '_', '.', '-' (pattern {NAME_PATTERN}), at most {MAX_NAME_LENGTH} "
+                     "characters (the ipc socket paths made of it)",
     "detector_type": ", ".join(DETECTOR_TYPES),
-    "bit_depth": "8, 16, 32",
+    "bit_depth": "8, 16, 32; gigafrost 8, 16",
     "image_pixel_height": "an integer > 0",
     "image_pixel_width": "an integer > 0",
     "log_level": ", ".join(LOG_LEVELS),
