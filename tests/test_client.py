@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import zmq
 from conftest import wait_until
 
@@ -47,6 +49,55 @@ def test_watch_prints_ids_rate_and_gaps(make_config, service) -> None:
     assert sum(int(ln.split()[0].split("=")[1]) for ln in with_frames) == len(ids)
     assert sum(int(ln.split("gaps=")[1].split()[0]) for ln in with_frames) == 3
     assert "ids=0.." in with_frames[0] and "shape=[8, 12] type=uint16" in with_frames[0]
+
+
+def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
+    """--duration 1.5: the last line covers half a second; its rate was divided by a whole one
+    (100 Hz shown as ~50)."""
+    import io
+    import threading
+
+    from stddaq.client.stream import watch
+
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12)
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def send() -> None:
+        image_id = 0
+        while not done.is_set():
+            pub.send_multipart(array10.encode(image_id, ramp(image_id, config.shape, config.dtype)))
+            image_id += 1
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    out = io.StringIO()
+    try:
+        watch(f"tcp://127.0.0.1:{port}", duration=1.5, out=out)
+    finally:
+        done.set()
+        sender.join()
+        pub.close(0)
+        ctx.term()
+    last = [ln for ln in out.getvalue().splitlines() if ln.startswith("frames=")][-1]
+    frames, rate = int(last.split()[0].split("=")[1]), float(last.split()[1].split("=")[1])
+    assert frames > 10 and rate > 1.6 * frames, last  # about frames / 0.5 s
+
+
+@pytest.mark.parametrize("args,message", [
+    (["watch", "foo", "--duration", "1"], "cannot connect to 'foo'"),  # was a ZMQError traceback
+    (["watch", "tcp://127.0.0.1:9", "--duration", "-1"], "--duration: -1.0 is not allowed"),
+    (["up", "--duration", "nan"], "--duration: nan is not allowed"),  # never stopped
+    (["up", "--duration", "-5"], "--duration: -5.0 is not allowed"),  # started and stopped everything
+])
+def test_cli_bad_arguments_exit_2_in_one_line(args, message) -> None:
+    proc = subprocess.run([sys.executable, "-m", "stddaq.cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_plan_starts_one_live_stream_per_configured_address(make_config) -> None:

@@ -104,6 +104,9 @@ def test_sigterm_stops_and_unlinks(make_config, service) -> None:
     (["--n-images", "0"], "--n-images"),
     (["--pattern", "zebra"], "--pattern"),
     (["--start-id", "x"], "--start-id"),
+    (["--linger", "inf"], "--linger: inf is not allowed: must be a finite number >= 0"),  # crashed at the end
+    (["--start-id", str(2**63 - 1)], "must be 0..9223372036854775806"),  # OverflowError in the guard
+    (["--start-id", str(2**63 - 3), "-n", "5"], "goes past the highest id the ring can hold"),
 ])
 def test_bad_arguments_exit_2_with_one_line(make_config, service, args, message) -> None:
     config, path = make_config()

@@ -135,6 +135,7 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
         period = 0
         while end is None or clock() < end:
             period += 1
+            period_start = start + (period - 1) * interval
             period_end = start + period * interval if end is None else min(start + period * interval, end)
             ids: list[int] = []
             gaps_before = client.stats["gaps"]
@@ -146,7 +147,7 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
                     ids.append(image_id(message[0]))
             if last is not None:
                 _, pixels = last
-                print(f"frames={len(ids)} rate_hz={len(ids) / interval:.1f} ids={ids[0]}..{ids[-1]} "
+                print(f"frames={len(ids)} rate_hz={len(ids) / (period_end - period_start):.1f} ids={ids[0]}..{ids[-1]} "
                       f"gaps={client.stats['gaps'] - gaps_before} shape={list(pixels.shape)} type={pixels.dtype.name}",
                       file=out, flush=True)
             else:

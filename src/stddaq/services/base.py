@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -145,7 +146,7 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callable[[Any], bool],
+def number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callable[[Any], bool],
                  name: str) -> Callable[[str], Any]:
     """An argparse ``type=`` that names the bad value and what is allowed (one line, exit 2)."""
     def convert(text: str) -> Any:
@@ -161,11 +162,13 @@ def _number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Calla
     return convert
 
 
-positive_int = _number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
-non_negative_int = _number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
-port_number = _number_type(int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
+positive_int = number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
+non_negative_int = number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
+port_number = number_type(int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
                            "port_number")
-non_negative_float = _number_type(float, "a number", ">= 0", lambda v: v >= 0, "non_negative_float")
+non_negative_float = number_type(float, "a number", "a finite number >= 0", lambda v: 0 <= v < math.inf,
+                                  "non_negative_float")
+positive_float = number_type(float, "a number", "a finite number > 0", lambda v: 0 < v < math.inf, "positive_float")
 
 
 def setup_logging(level: int) -> None:

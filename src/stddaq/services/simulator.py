@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from stddaq.bus.publisher import ImagePublisher, image_metadata
 from stddaq.config import DetectorConfig
+from stddaq.errors import UsageError
+from stddaq.formats import MAX_IMAGE_ID
 from stddaq.patterns import Noise, Ramp
 from stddaq.protocol import EGImageMetadata, GFImageMetadata, ImageMetadata, JFImageMetadata, PcoImageMetadata
 from stddaq.services.base import (
@@ -15,6 +17,7 @@ from stddaq.services.base import (
     Service,
     non_negative_float,
     non_negative_int,
+    number_type,
     positive_int,
     service_main,
 )
@@ -35,6 +38,9 @@ class Simulator(Service):
         super().__init__(config, **kw)
         if pattern not in PATTERNS:
             raise ValueError(f"pattern {pattern!r} is not allowed (allowed: {', '.join(PATTERNS)})")
+        if n_images is not None and start_id + n_images - 1 > MAX_IMAGE_ID:
+            raise UsageError(f"--start-id {start_id} with --n-images {n_images} goes past the highest id the ring "
+                             f"can hold, {MAX_IMAGE_ID}")
         self.rate = rate
         self.n_images = n_images
         self.start_id = start_id
@@ -72,7 +78,7 @@ class Simulator(Service):
         kind = self.config.detector_type
         now_ns = time.time_ns()
         if kind == "gigafrost":
-            metadata.gf.CopyFrom(GFImageMetadata(scan_id=1, scan_time=int(1e6 / self.rate) if self.rate else 0,
+            metadata.gf.CopyFrom(GFImageMetadata(scan_id=1, scan_time=min(int(1e6 / self.rate), _U32_MAX) if self.rate else 0,
                                                  sync_time=0, frame_timestamp=now_ns // 1000,
                                                  exposure_time=1000, store_image=True))
         elif kind == "pco":
@@ -138,12 +144,17 @@ class Simulator(Service):
             self.publisher = None
 
 
+_U32_MAX = (1 << 32) - 1  # GigaFRoST scan_time (us) is a uint32
+#: ``--start-id``: an id the ring's overwrite guard can hold (stddaq.formats.MAX_IMAGE_ID)
+start_id = number_type(int, "an integer", f"0..{MAX_IMAGE_ID}", lambda v: 0 <= v <= MAX_IMAGE_ID, "start_id")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Simulate a detector: write images into <detector>-image.")
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("--rate", type=non_negative_float, default=0.0, help="images per second, 0 = as fast as possible")
     parser.add_argument("--n-images", "-n", type=positive_int, default=None, help="stop after N images (default: endless)")
-    parser.add_argument("--start-id", type=non_negative_int, default=0, help="id of the first image")
+    parser.add_argument("--start-id", type=start_id, default=0, help="id of the first image")
     parser.add_argument("--pattern", choices=PATTERNS, default="ramp")
     parser.add_argument("--suffix", "-s", default="image", help="channel suffix to write (default: image)")
     parser.add_argument("--wait-subscribers", type=non_negative_int, default=0,
