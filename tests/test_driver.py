@@ -407,6 +407,25 @@ def test_a_source_buffer_of_another_size_is_refused_at_start(deployment, make_co
     assert d.driver.proc.poll() is None
 
 
+def test_a_source_started_with_another_size_after_start_ends_the_run_in_error(deployment, make_config) -> None:
+    """The pre-flight passes (no source yet), then the source starts with another ring size:
+    every message is unreadable for the driver. The run waited, and after stop said file_saved
+    with 0 images; the reason was only in the driver's log."""
+    d = deployment(1, ram_buffer_slots=8)
+    config, session, run_dir = d.config, d.session, d.run_dir
+    other, _ = make_config(detector_name=config.detector_name, ram_buffer_slots=1000)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 5})
+    with ImagePublisher(other) as publisher:
+        assert publisher.wait_for_subscribers(1, 10)
+        for image_id in range(5):
+            publisher.publish_image(image_metadata(other, image_id), ramp(image_id, other.shape, other.dtype))
+        time.sleep(0.5)
+        session.send({"command": "stop"})
+        reply = session.status("file_saved", "error", timeout=30)
+    assert reply["status"] == "error", session.transcript[-5:]
+    assert "5 message(s) on" in reply["reason"] and "this config implies" in reply["reason"], reply
+
+
 def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
     mount = tmp_path / "small-disk"
     mount.mkdir()

@@ -206,6 +206,22 @@ def test_in_order_lets_nothing_be_overwritten_or_passed() -> None:
     assert _released(order, [25, 0, 1]) == [25, 0, 1]  # ids went back: the old run's 25 first
 
 
+def test_ids_that_step_are_released_within_the_window_never_at_their_slot(make_config) -> None:
+    """Pulse ids stepping by 4 into a ring of 1000 slots use 250 of them. A window of 256 held
+    each message until its slot was written again, so readers found most images gone; the
+    receiver's window is a few images per connection."""
+    config, _ = make_config(ram_buffer_slots=1000)
+    order = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=4).in_order
+    assert order.window == 16
+    released, by_before = [], 0
+    for image_id in range(0, 8000, 4):
+        early = order.before(image_id)
+        by_before += len(early)
+        released += early + order.add(image_id, image_id)
+        assert len(order) <= order.window
+    assert by_before == 0 and released + order.drain() == list(range(0, 8000, 4))
+
+
 def test_in_order_with_window_0_holds_nothing() -> None:
     order = InOrder(window=0, n_slots=10)
     assert _released(order, [3, 1, 2, 2, 0]) == [3, 1, 2, 2, 0]

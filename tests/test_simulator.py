@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -125,3 +126,30 @@ def test_second_simulator_on_same_channel_fails_clearly(make_config, service) ->
     _, err = second.output()
     assert "already exists" in err
     assert first.proc.poll() is None
+
+
+def test_sighup_stops_a_service_unless_it_is_ignored(make_config) -> None:
+    """SIGHUP (its terminal or ssh session went away) stops a service cleanly, shm and socket
+    removed; under nohup (SIGHUP ignored) it runs on, as it did before SIGHUP was handled."""
+    import subprocess
+    import sys
+
+    for ignored in (False, True):
+        config, path = make_config()
+        prefix = ["nohup"] if ignored else []
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", SIM, str(path), "--rate", "10"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shm = f"/dev/shm/{config.channel('image')}"
+        try:
+            assert wait_until(lambda shm=shm: os.path.exists(shm), timeout=15)
+            proc.send_signal(signal.SIGHUP)
+            if ignored:
+                time.sleep(1)
+                assert proc.poll() is None
+                proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not os.path.exists(shm) and not os.path.exists(config.ipc_address("image")[len("ipc://"):])
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -14,6 +14,7 @@ import hdf5plugin  # noqa: F401 - registers filters 32008/32026 for reading
 import numpy as np
 import pytest
 import zmq
+from conftest import wait_until
 
 from stddaq.bus import ImagePublisher, image_metadata
 from stddaq.bus.sockets import unlink_ipc
@@ -506,3 +507,47 @@ def test_switch_user_writes_with_the_users_groups_and_reads_a_ring_only_root_may
     finally:
         publisher.close()
         shutil.rmtree(base)
+
+
+def test_a_writer_that_switched_user_still_ends_with_its_supervisor(make_config) -> None:
+    """Under `stddaq up` a service asks the kernel for SIGTERM when the supervisor dies; the
+    kernel forgets that at every change of effective uid, so a writer that had written a file
+    as another user ran on, orphaned, after the supervisor was SIGKILLed."""
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root")
+    import signal
+
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=16, switch_user_active=True)
+    base = Path(tempfile.mkdtemp(prefix="stddaq-pdeath-"))
+    os.chmod(base, 0o755)
+    os.chown(base, 12345, 12345)
+    supervisor = subprocess.Popen([sys.executable, "-c", f"""
+import os, subprocess, sys, time
+env = dict(os.environ, STDDAQ_SUPERVISOR_PID=str(os.getpid()))
+child = subprocess.Popen([sys.executable, "-m", {WRITER!r}, {str(path)!r}, "0"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+print(child.pid, flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    writer_pid = int(supervisor.stdout.readline())
+    d = FakeDriver(config)
+    try:
+        answer = d.create(base / "f.h5", user_id=12345)
+        assert answer.code == ResponseCode.SUCCESS, answer.reason
+        supervisor.kill()
+        supervisor.wait()
+
+        def ended() -> bool:
+            try:
+                with open(f"/proc/{writer_pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+            except FileNotFoundError:
+                return True
+
+        assert wait_until(ended, timeout=15), "the writer runs on without its supervisor"
+    finally:
+        if not ended():
+            os.kill(writer_pid, signal.SIGKILL)
+        d.close()
+        shutil.rmtree(base)
+        unlink_ipc(config.ipc_address("writer-0"))

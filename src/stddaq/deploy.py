@@ -30,7 +30,7 @@ from pathlib import Path
 from stddaq.bus.ram_buffer import GUARD_SUFFIX
 from stddaq.config import STAGE_SUFFIXES, DetectorConfig
 from stddaq.errors import UsageError
-from stddaq.services.base import STOP_SIGNALS, SUPERVISOR_ENV
+from stddaq.services.base import SUPERVISOR_ENV, handle_stop_signals
 
 log = logging.getLogger("stddaq.up")
 
@@ -303,7 +303,7 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
         def _on_signal(signum: int, _frame: object) -> None:
             supervisor.stop()
 
-        previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+        previous = handle_stop_signals(_on_signal)
         try:
             return supervisor.run(duration)
         finally:

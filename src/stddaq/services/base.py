@@ -179,13 +179,25 @@ def setup_logging(level: int) -> None:
 
 #: signals that stop a service cleanly (SIGHUP: its terminal or ssh session went away)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Install ``handler`` for STOP_SIGNALS; the previous handlers, to restore. A signal set to be
+    ignored stays ignored (``nohup`` ignores SIGHUP so that the process outlives its terminal)."""
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    return previous
 #: set by `stddaq up` for its children: the supervisor's pid
 SUPERVISOR_ENV = "STDDAQ_SUPERVISOR_PID"
 
 
-def _die_with_supervisor() -> None:
+def die_with_supervisor() -> None:
     """Under `stddaq up`: get SIGTERM when the supervisor is gone, however it ended (SIGKILL
-    too), instead of running on orphaned with its shm and sockets (Linux PR_SET_PDEATHSIG)."""
+    too), instead of running on orphaned with its shm and sockets (Linux PR_SET_PDEATHSIG).
+    The kernel forgets this when the process changes its effective uid or gid: call it again
+    after each change (the writer's switch_user)."""
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if not supervisor or not sys.platform.startswith("linux"):
         return
@@ -216,8 +228,8 @@ def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorCon
         log.info("%s: %s received, stopping", prog, signal.Signals(signum).name)
         service.stop()
 
-    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
-    _die_with_supervisor()
+    previous = handle_stop_signals(_on_signal)
+    die_with_supervisor()
     try:
         service.start()
         service.run()

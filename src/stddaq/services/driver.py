@@ -336,7 +336,8 @@ class WriterDriver(Service):
     def _record(self, start: StartCommand) -> None:
         self.counters.add("runs")
         subscriber: ImageSubscriber | None = None
-        lost_before = self.counters.totals().get("lost", 0)
+        before = dict(self.counters.totals())
+        last_error = None
         try:
             self._create_files(start)
             subscriber = ImageSubscriber(self.config, self.suffix, ctx=self.ctx, stats=self.counters).connect()
@@ -345,6 +346,7 @@ class WriterDriver(Service):
                 self._record_images(start, subscriber)
             if self._stop_requested():
                 self._set_status(Status.stop)
+            last_error = subscriber.last_error
             subscriber.close()
             subscriber = None
             self._set_status(Status.saving_file)
@@ -361,11 +363,18 @@ class WriterDriver(Service):
         finally:
             if subscriber is not None:
                 subscriber.close()
-        lost = self.counters.totals().get("lost", 0) - lost_before
+        after = self.counters.totals()
+        lost, invalid = (after.get(key, 0) - before.get(key, 0) for key in ("lost", "invalid"))
+        problems = []
         if lost:  # published, but overwritten before the driver read them: the files have holes
+            problems.append(f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them "
+                            "(driver too slow, or RAM buffer too small)")
+        if invalid:  # e.g. a source re-created with another config: none of its images could be read
+            problems.append(f"{invalid} message(s) on {self.config.ipc_address(self.suffix)} were no image the "
+                            f"driver could read (last: {last_error})")
+        if problems:
             self.counters.add("failed_runs")
-            reason = (f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them (driver too "
-                      f"slow, or RAM buffer too small); the files hold the {self.count} images recorded")
+            reason = f"{'; '.join(problems)}; the files hold the {self.count} images recorded"
             log.error("recording into %s: %s", start.path, reason)
             self._set_status(Status.error, reason)
             return

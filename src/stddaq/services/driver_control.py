@@ -9,7 +9,6 @@ driver pushes. The driver service (services/driver.py) wires these to its socket
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
@@ -154,9 +153,7 @@ def groups_of(uid: int) -> set[int]:
         user = pwd.getpwuid(uid)
     except KeyError:
         return set()  # a uid without a passwd entry has no supplementary groups we can know
-    groups = {user.pw_gid}
-    groups.update(g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem)
-    return groups
+    return set(os.getgrouplist(user.pw_name, user.pw_gid))  # through NSS: network (LDAP, sssd) groups too
 
 
 @dataclass(frozen=True)

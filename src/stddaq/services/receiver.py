@@ -5,14 +5,23 @@ the config (shape and dtype), copied into the slot of its frame/pulse id and ann
 ImageMetadata. A message that does not match the config is counted ``mismatch`` and logged, never
 written: a wrong image in the ring would be handed on as good by everyone downstream.
 
-Order: N PULL connections share one stream (the sender deals its messages out in turn), so each
-connection holds every N-th image and the images arrive interleaved, not in id order. Read one
-socket empty after the other, 3000 images came out with 6 to 700 "ids went back" and 3,000 to
-170,000 false ``gaps`` at every reader. So the sockets are read in turn, one message each, and
-the metadata messages pass through ``InOrder``: the pixels go into their slot at once, the
-message waits until the images before it are published, for at most ``REORDER_WINDOW`` images
-(an id that never comes, e.g. the detector skipped it, holds the others up that long) and never
-longer than the receiver has something to read: when nothing waits, every held message goes.
+Order: N PULL connections share one stream (the sender deals its messages out in turn, and
+skips a connection whose queue is full), so each connection holds part of the images, in id
+order, and they arrive interleaved. Read one socket empty after the other, 3000 images came out
+with 6 to 700 "ids went back" and 3,000 to 170,000 false ``gaps`` at every reader; read in turn,
+one each, still 31 and 1209 when one connection's queue had fallen behind. So the connections
+are merged: each has its next message decoded and waiting, and the lowest id of those is
+written next (one waiting longer than the window is written anyway: ids that went back). A
+connection with nothing waiting cannot say its next id is not lower, so the metadata messages
+also pass through ``InOrder``: the pixels go into their slot at once, the message waits until
+the images before it are published, for at most ``REORDER_PER_CONNECTION`` messages per
+connection. Ids that do not
+follow one another (a pulse id stepping by 4, or an id the detector skipped) wait that long:
+a window counted in images, not ids, and far below the ring, whose slots a stepping id uses
+only a fraction of (a window of 256 lost most images of a stream stepping by 4 into 1000
+slots). Nothing waits longer than the receiver has something to read: when no connection has
+had anything for ``IDLE_GRACE`` s (a lower id may still be on its way over another one), every
+held message goes.
 """
 
 from __future__ import annotations
@@ -59,8 +68,10 @@ def check_against_config(config: DetectorConfig, image_id: int, pixels: np.ndarr
 
 #: connections of a PULL receiver unless -n says otherwise
 DEFAULT_PULL_CONNECTIONS = 4
-#: how many images a PULL receiver holds back at most to publish them in id order (see InOrder)
-REORDER_WINDOW = 256
+#: per connection, how many images a PULL receiver holds back at most to publish them in id order
+REORDER_PER_CONNECTION = 4
+#: seconds the connections must all stay empty before the held messages go (module docstring)
+IDLE_GRACE = 0.002
 
 
 class InOrder:
@@ -144,8 +155,10 @@ class StreamReceiver(Service):
         self.socket_type = socket_type
         self.suffix = suffix
         self.sockets: list[zmq.Socket] = []
+        self._heads: list = []  # per connection: its next message, decoded, not written yet (see _step)
+        self._received = 0  # messages decoded so far: a head's age
         self.publisher: ImagePublisher | None = None
-        window = min(REORDER_WINDOW, config.n_slots // 2) if self.n_connections > 1 else 0
+        window = min(REORDER_PER_CONNECTION * self.n_connections, config.n_slots // 4) if self.n_connections > 1 else 0
         self.in_order = InOrder(window, config.n_slots)
         self.counters.declare(*RECEIVER_COUNTERS)
 
@@ -160,6 +173,7 @@ class StreamReceiver(Service):
             if self.socket_type == "sub":
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             self.sockets.append(sock)
+            self._heads.append(None)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
@@ -176,7 +190,10 @@ class StreamReceiver(Service):
 
     def _close(self) -> None:
         try:
-            if self.publisher is not None:
+            if self.publisher is not None:  # what was taken in goes out: the waiting heads, then the held messages
+                for head in sorted((head for head in self._heads if head is not None), key=lambda head: head[0]):
+                    self._write(*head[:3])
+                self._heads = [None] * len(self._heads)
                 self._send(self.in_order.drain())
         finally:
             for sock in self.sockets:
@@ -187,26 +204,43 @@ class StreamReceiver(Service):
                 self.publisher = None
 
     def _step(self) -> bool:
-        """Read the sockets in turn, one message each (module docstring), for up to 50 ms; when
-        none has anything, the held messages go."""
+        """Merge the connections by id for up to 50 ms (module docstring); when none has had
+        anything for IDLE_GRACE s, the held messages go."""
         deadline = self.clock() + 0.05
-        if self._poller.poll(100 if not self.in_order else 1):
-            sockets, handle = self.sockets, self.handle
-            while True:
-                got = False
-                for sock in sockets:
-                    try:
-                        parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        continue
-                    got = True
-                    handle([p.buffer for p in parts])
-                if not got:
+        poller, in_order, heads = self._poller, self.in_order, self._heads
+        if not any(heads) and not poller.poll(100 if not in_order else IDLE_GRACE * 1000):
+            self._send(in_order.drain())
+            return True
+        while True:
+            self._refill(heads)
+            waiting = [index for index, head in enumerate(heads) if head is not None]
+            if not waiting:
+                if in_order and poller.poll(IDLE_GRACE * 1000):
+                    continue
+                self._send(in_order.drain())
+                return True
+            first = min(waiting, key=lambda index: heads[index][0])
+            oldest = min(waiting, key=lambda index: heads[index][4])
+            if self._received - heads[oldest][4] > in_order.window:  # passed over too often (ids went back)
+                first = oldest
+            image_id, pixels, extra, _parts, _ = heads[first]
+            heads[first] = None
+            self._write(image_id, pixels, extra)
+            if self.clock() >= deadline:
+                return True
+
+    def _refill(self, heads: list) -> None:
+        """Give each connection without a waiting message its next usable one, decoded (or None)."""
+        for index, sock in enumerate(self.sockets):
+            while heads[index] is None:
+                try:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
                     break
-                if self.clock() >= deadline:
-                    return True
-        self._send(self.in_order.drain())
-        return True
+                decoded = self._decode([p.buffer for p in parts])
+                if decoded is not None:
+                    self._received += 1
+                    heads[index] = (*decoded, parts, self._received)  # the parts keep the pixels' memory
 
     def _send(self, messages: list[bytes]) -> None:
         send = self.publisher.send
@@ -215,18 +249,29 @@ class StreamReceiver(Service):
 
     def handle(self, parts: list) -> bool:
         """Write one message into the buffer; False (and counted) if it is not usable."""
+        decoded = self._decode(parts)
+        if decoded is None:
+            return False
+        self._write(*decoded)
+        return True
+
+    def _decode(self, parts: list) -> tuple[int, np.ndarray, dict] | None:
+        """(image id, pixels, extra) of a usable message; None (counted, logged) otherwise."""
         try:
             image_id, pixels, extra = decode_message(self.stream_type, parts)
         except FormatError as exc:
             self._reject("invalid", str(exc))
-            return False
+            return None
         except (ValueError, TypeError, KeyError) as exc:  # what the format checks missed: still one bad message
             self._reject("invalid", f"undecodable {self.stream_type} message: {type(exc).__name__}: {exc}")
-            return False
+            return None
         problem = check_against_config(self.config, image_id, pixels)
         if problem is not None:
             self._reject("mismatch", problem)
-            return False
+            return None
+        return image_id, pixels, extra
+
+    def _write(self, image_id: int, pixels: np.ndarray, extra: dict) -> bool:
         metadata = self._metadata
         try:  # the formats check these values; a value they let through must not stop the receiver
             metadata.image_id = image_id

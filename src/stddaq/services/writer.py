@@ -40,7 +40,7 @@ from stddaq.config import DetectorConfig
 from stddaq.errors import BufferMissingError, BusError, StorageError, UsageError, WriteFailed
 from stddaq.formats import compression as codecs
 from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ResponseCode, WriterAction, WriterResponse
-from stddaq.services.base import ArgumentParser, Service, service_main
+from stddaq.services.base import ArgumentParser, Service, die_with_supervisor, service_main
 from stddaq.services.driver_control import groups_of
 from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, NONE, ImageFile, MetadataFile
 
@@ -261,7 +261,7 @@ class Writer(Service):
             os.setgroups(sorted(groups_of(user_id)))
             if entry is not None:
                 os.setegid(entry.pw_gid)
-            os.seteuid(user_id)
+            _set_euid(user_id)
         except OSError as exc:
             self._restore_groups(saved)
             raise StorageError(f"cannot write as user id {user_id}: {exc.strerror}") from None
@@ -269,7 +269,7 @@ class Writer(Service):
 
     def _restore_user(self) -> None:
         if self._switched is not None:
-            os.seteuid(0)
+            _set_euid(0)
             self._restore_groups(self._switched[1])
             self._switched = None
 
@@ -277,6 +277,7 @@ class Writer(Service):
     def _restore_groups(saved: tuple[int, list[int]]) -> None:
         os.setegid(saved[0])
         os.setgroups(saved[1])
+        die_with_supervisor()
 
     def _confirm(self) -> tuple[bool, str]:
         if self.file is not None:
@@ -349,12 +350,12 @@ class Writer(Service):
                 self.buffer = None
             switched = self._switched
             if switched is not None:
-                os.seteuid(0)  # the ring is read as the writer's own user, the file written as the other
+                _set_euid(0)  # the ring is read as the writer's own user, the file written as the other
             try:
                 self.buffer = RamBuffer.attach(self.layout, created_by=f"the service that writes {self.suffix!r}")
             finally:
                 if switched is not None:
-                    os.seteuid(switched[0])
+                    _set_euid(switched[0])
             self._buffer_inode = inode
         return self.buffer
 
@@ -396,6 +397,12 @@ class Writer(Service):
                            address=buffer.slot_address(image_id)):
             self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
             raise _Skip
+
+
+def _set_euid(uid: int) -> None:
+    """seteuid, and ask again to end with the supervisor (an effective uid change clears that)."""
+    os.seteuid(uid)
+    die_with_supervisor()
 
 
 class _Skip(StorageError):
