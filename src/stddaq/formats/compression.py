@@ -385,26 +385,31 @@ def check_chunk(compression: int, blob: np.ndarray | bytes | memoryview, n_bytes
     header is read (a few bytes); a blob corrupt inside still fails where it is decoded."""
     length = len(blob)
     head = blob[:_BLOSC2_MIN_HEADER]  # (any view: the header is read from a copy of its bytes)
-    head = head.tobytes() if isinstance(head, np.ndarray) else bytes(head)
-    if compression == ImageMetadataCompression.h5bitshuffle_lz4:
-        held, block_bytes = bitshuffle_lz4_header(head)
+    if type(head) is not bytes:
+        head = head.tobytes() if type(head) is np.ndarray else bytes(head)
+    if compression == _BITSHUFFLE_LZ4:
+        if length < HEADER.size:
+            raise CodecError(f"bitshuffle-lz4 blob of {length} bytes is shorter than its 12-byte header")
+        held, block_bytes = HEADER.unpack_from(head)
         if block_bytes % (8 * itemsize):
             raise CodecError(f"bitshuffle-lz4 header block size {block_bytes} bytes is not a multiple of "
                              f"8 x {itemsize} bytes")
-    elif compression == ImageMetadataCompression.blosc2:
+    elif compression == _BLOSC2:
         if length < _BLOSC2_MIN_HEADER:
             raise CodecError(f"blosc2 blob of {length} bytes is shorter than a chunk header ({_BLOSC2_MIN_HEADER})")
-        held, stored = _BLOSC2_SIZES.unpack_from(head, 4)[::2]
+        held, _, stored = _BLOSC2_SIZES.unpack_from(head, 4)
         if stored != length:
             raise CodecError(f"blosc2 chunk header says {stored} bytes, the blob has {length}")
     else:
         raise CodecError(f"compression {compression} is not a compressed chunk (allowed: 1 h5bitshuffle_lz4, "
                          "2 blosc2)")
     if held != n_bytes:
-        raise CodecError(f"{'blosc2' if compression == ImageMetadataCompression.blosc2 else 'bitshuffle-lz4'} "
+        raise CodecError(f"{'blosc2' if compression == _BLOSC2 else 'bitshuffle-lz4'} "
                          f"chunk holds {held} bytes of pixels, the image has {n_bytes}")
 
 
+_BITSHUFFLE_LZ4 = int(ImageMetadataCompression.h5bitshuffle_lz4)
+_BLOSC2 = int(ImageMetadataCompression.blosc2)
 #: a Blosc2 chunk header: version, versionlz, flags, typesize, nbytes (<i4), blocksize, cbytes (<i4)
 _BLOSC2_MIN_HEADER = 16
 _BLOSC2_SIZES = struct.Struct("<iii")
