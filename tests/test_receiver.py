@@ -176,6 +176,36 @@ def test_pull_connections_publish_in_id_order(make_config) -> None:
     assert totals["gaps"] == 0 and totals["lost"] == 0
 
 
+def test_messages_taken_in_are_published_at_close(make_config) -> None:
+    """At stop, the connections' decoded messages not written yet and the held messages go out,
+    in id order: they were taken in from the network."""
+    from stddaq.services.receiver import _Head
+
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=2, ctx=ctx).start()
+    try:
+        with ImageSubscriber(config, ctx=ctx) as subscriber:
+            assert wait_until(lambda: subscriber.socket.poll(10) is not None
+                              and receiver.publisher.subscriber_count() == 1)
+            subscriber.attach()  # a reader maps the ring while its writer lives
+            for image_id in (1, 3):  # written, their messages held (0 and 2 not there yet)
+                receiver.handle(array10.encode(image_id, ramp(image_id, config.shape, config.dtype)))
+            for index, image_id in enumerate((2, 0)):  # waiting at their connections
+                parts = array10.encode(image_id, ramp(image_id, config.shape, config.dtype))
+                receiver._heads[index] = _Head(*receiver._decode(parts), parts, image_id)
+            assert subscriber.receive(timeout=0.2) is None
+            receiver.close()
+            ids = []
+            while (image := subscriber.receive(timeout=1)) is not None:
+                assert np.array_equal(image.data, ramp(image.image_id, config.shape, config.dtype))
+                ids.append(image.image_id)
+    finally:
+        receiver.close()
+        ctx.term()
+    assert ids == [0, 1, 2, 3]
+
+
 def _released(order: InOrder, ids: list[int]) -> list[int]:
     out = []
     for image_id in ids:

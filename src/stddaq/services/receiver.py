@@ -15,13 +15,12 @@ written next (one waiting longer than the window is written anyway: ids that wen
 connection with nothing waiting cannot say its next id is not lower, so the metadata messages
 also pass through ``InOrder``: the pixels go into their slot at once, the message waits until
 the images before it are published, for at most ``REORDER_PER_CONNECTION`` messages per
-connection. Ids that do not
-follow one another (a pulse id stepping by 4, or an id the detector skipped) wait that long:
-a window counted in images, not ids, and far below the ring, whose slots a stepping id uses
-only a fraction of (a window of 256 lost most images of a stream stepping by 4 into 1000
-slots). Nothing waits longer than the receiver has something to read: when no connection has
-had anything for ``IDLE_GRACE`` s (a lower id may still be on its way over another one), every
-held message goes.
+connection. Ids that do not follow one another (a pulse id stepping by 4, or an id the detector
+skipped) wait that long: a window counted in images, not ids, and far below the ring, whose
+slots a stepping id uses only a fraction of (a window of 256 lost most images of a stream
+stepping by 4 into 1000 slots). Nothing waits longer than the receiver has something to read:
+when no connection has had anything for ``IDLE_GRACE`` s (a lower id may still be on its way
+over another one), every held message goes.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import zmq
@@ -72,6 +72,16 @@ DEFAULT_PULL_CONNECTIONS = 4
 REORDER_PER_CONNECTION = 4
 #: seconds the connections must all stay empty before the held messages go (module docstring)
 IDLE_GRACE = 0.002
+
+
+class _Head(NamedTuple):
+    """A connection's next message, decoded, waiting to be written (see StreamReceiver._step)."""
+
+    image_id: int
+    pixels: np.ndarray
+    extra: dict
+    parts: list  # keep the pixels' memory
+    seq: int  # messages decoded before it: its age
 
 
 class InOrder:
@@ -155,7 +165,7 @@ class StreamReceiver(Service):
         self.socket_type = socket_type
         self.suffix = suffix
         self.sockets: list[zmq.Socket] = []
-        self._heads: list = []  # per connection: its next message, decoded, not written yet (see _step)
+        self._heads: list[_Head | None] = []  # per connection: its next message, not written yet (see _step)
         self._received = 0  # messages decoded so far: a head's age
         self.publisher: ImagePublisher | None = None
         window = min(REORDER_PER_CONNECTION * self.n_connections, config.n_slots // 4) if self.n_connections > 1 else 0
@@ -191,8 +201,8 @@ class StreamReceiver(Service):
     def _close(self) -> None:
         try:
             if self.publisher is not None:  # what was taken in goes out: the waiting heads, then the held messages
-                for head in sorted((head for head in self._heads if head is not None), key=lambda head: head[0]):
-                    self._write(*head[:3])
+                for head in sorted((head for head in self._heads if head is not None), key=lambda head: head.image_id):
+                    self._write(head.image_id, head.pixels, head.extra)
                 self._heads = [None] * len(self._heads)
                 self._send(self.in_order.drain())
         finally:
@@ -219,13 +229,12 @@ class StreamReceiver(Service):
                     continue
                 self._send(in_order.drain())
                 return True
-            first = min(waiting, key=lambda index: heads[index][0])
-            oldest = min(waiting, key=lambda index: heads[index][4])
-            if self._received - heads[oldest][4] > in_order.window:  # passed over too often (ids went back)
+            first = min(waiting, key=lambda index: heads[index].image_id)
+            oldest = min(waiting, key=lambda index: heads[index].seq)
+            if self._received - heads[oldest].seq > in_order.window:  # passed over too often (ids went back)
                 first = oldest
-            image_id, pixels, extra, _parts, _ = heads[first]
-            heads[first] = None
-            self._write(image_id, pixels, extra)
+            head, heads[first] = heads[first], None
+            self._write(head.image_id, head.pixels, head.extra)
             if self.clock() >= deadline:
                 return True
 
@@ -240,7 +249,7 @@ class StreamReceiver(Service):
                 decoded = self._decode([p.buffer for p in parts])
                 if decoded is not None:
                     self._received += 1
-                    heads[index] = (*decoded, parts, self._received)  # the parts keep the pixels' memory
+                    heads[index] = _Head(*decoded, parts, self._received)
 
     def _send(self, messages: list[bytes]) -> None:
         send = self.publisher.send
