@@ -426,6 +426,66 @@ def test_a_source_started_with_another_size_after_start_ends_the_run_in_error(de
     assert "5 message(s) on" in reply["reason"] and "this config implies" in reply["reason"], reply
 
 
+def test_a_source_whose_ids_go_back_mid_run_ends_it_before_the_runs_mix(deployment) -> None:
+    """A simulator restarted mid-recording starts its ids again: the driver recorded on, the
+    files mixed both sequences (254 ids twice in a master of 800 rows) and it said file_saved."""
+    d = deployment(1, ram_buffer_slots=64)
+    config, session, run_dir = d.config, d.session, d.run_dir
+    det = config.detector_name
+    with ImagePublisher(config) as publisher:
+        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 30})
+        assert publisher.wait_for_subscribers(1, 10)
+        for image_id in [*range(10), *range(3)]:  # a new acquisition: ids from 0 again
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            time.sleep(0.01)
+        reply = session.status("file_saved", "error", timeout=30)
+    assert reply["status"] == "error", session.transcript[-5:]
+    assert "the source's ids went back from 9 to 0 after 10 images" in reply["reason"], reply
+    data, rows = read_file(run_dir / "file0.h5", det)
+    assert list(rows["image_id"]) == list(range(10))
+    check_ramp(data, rows["image_id"], config)
+
+
+def test_a_driver_shut_down_mid_run_does_not_say_file_saved(deployment, service) -> None:
+    """SIGTERM to the driver (stddaq up stopping) mid-recording: the files were saved and the
+    client told file_saved, so `stddaq record` exited 0 with 237 of 2000 images."""
+    d = deployment(1, ram_buffer_slots=500)
+    path, session, run_dir = d.path, d.session, d.run_dir
+    service(SIM, path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 100000})
+    session.until(lambda m: m["status"] == "recording" and m["count"] >= 20)
+    assert d.driver.stop() == 0
+    _, err = d.driver.output()
+    assert re.search(r"status error: the driver was shut down after \d+ of 100000 images \(no stop command\); "
+                     r"the files hold the \d+ images recorded", err), err[-2000:]
+    assert (run_dir / "file_master.h5").exists()
+
+
+def test_an_error_reason_counts_the_images_the_driver_lost_too(deployment) -> None:
+    """A run that fails (here: its writer dies) after the driver lost images said only the
+    writer's reason; the files missed 301 images and the driver's stats said lost=300."""
+    d = deployment(1, ram_buffer_slots=64)
+    config, session, run_dir = d.config, d.session, d.run_dir
+    with ImagePublisher(config) as publisher:
+        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 100})
+        assert publisher.wait_for_subscribers(1, 10)
+        for image_id in range(6):
+            metadata = image_metadata(config, image_id)
+            if image_id == 5:  # its slot taken before its message goes: lost at the driver
+                publisher.write_image(metadata, ramp(5, config.shape, config.dtype))
+                publisher.begin(5 + config.n_slots)
+                publisher.send(metadata.SerializeToString())
+            else:
+                publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
+            time.sleep(0.01)
+        session.until(lambda m: m["status"] == "recording" and m["count"] >= 5)
+        d.writers[0].proc.send_signal(signal.SIGKILL)
+        reply = session.status("file_saved", "error", timeout=30)
+    Path(config.ipc_address("writer-0")[len("ipc://"):]).unlink(missing_ok=True)
+    assert reply["status"] == "error" and "writer 0" in reply["reason"], reply
+    assert "1 image(s) lost: overwritten in the RAM buffer before the driver read them" in reply["reason"], reply
+
+
 def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
     mount = tmp_path / "small-disk"
     mount.mkdir()

@@ -337,7 +337,6 @@ class WriterDriver(Service):
         self.counters.add("runs")
         subscriber: ImageSubscriber | None = None
         before = dict(self.counters.totals())
-        last_error = None
         try:
             self._create_files(start)
             subscriber = ImageSubscriber(self.config, self.suffix, ctx=self.ctx, stats=self.counters).connect()
@@ -346,15 +345,13 @@ class WriterDriver(Service):
                 self._record_images(start, subscriber)
             if self._stop_requested():
                 self._set_status(Status.stop)
-            last_error = subscriber.last_error
             subscriber.close()
-            subscriber = None
             self._set_status(Status.saving_file)
             self._call_all("confirm_last_image", WriterAction(confirm_last_image={}), self.confirm_timeout)
             self._call_all("close_file", WriterAction(close_file={}), self.ack_timeout)
             self._write_master(start)
         except RunFailed as exc:
-            self._fail(str(exc))
+            self._fail("; ".join([str(exc), *self._losses(before, subscriber)]))
             return
         except Exception as exc:  # noqa: BLE001 - whatever else goes wrong ends this run, not the driver
             log.exception("recording into %s failed", start.path)
@@ -363,15 +360,10 @@ class WriterDriver(Service):
         finally:
             if subscriber is not None:
                 subscriber.close()
-        after = self.counters.totals()
-        lost, invalid = (after.get(key, 0) - before.get(key, 0) for key in ("lost", "invalid"))
-        problems = []
-        if lost:  # published, but overwritten before the driver read them: the files have holes
-            problems.append(f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them "
-                            "(driver too slow, or RAM buffer too small)")
-        if invalid:  # e.g. a source re-created with another config: none of its images could be read
-            problems.append(f"{invalid} message(s) on {self.config.ipc_address(self.suffix)} were no image the "
-                            f"driver could read (last: {last_error})")
+        problems = self._losses(before, subscriber)
+        if self.stopping and not self._stop_recording.is_set() and self.count < start.n_image:
+            problems.append(f"the driver was shut down after {self.count} of {start.n_image} images (no stop "
+                            "command)")
         if problems:
             self.counters.add("failed_runs")
             reason = f"{'; '.join(problems)}; the files hold the {self.count} images recorded"
@@ -380,6 +372,20 @@ class WriterDriver(Service):
             return
         log.info("recorded %d images into %s", self.count, start.path)
         self._set_status(Status.file_saved)
+
+    def _losses(self, before: dict[str, int], subscriber: ImageSubscriber | None) -> list[str]:
+        """What the run's reader could not hand on, from its counters since ``before``."""
+        after = self.counters.totals()
+        lost, invalid = (after.get(key, 0) - before.get(key, 0) for key in ("lost", "invalid"))
+        problems = []
+        if lost:  # published, but overwritten before the driver read them: the files have holes
+            problems.append(f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them "
+                            "(driver too slow, or RAM buffer too small)")
+        if invalid:  # e.g. a source re-created with another config: none of its images could be read
+            last_error = subscriber.last_error if subscriber is not None else None
+            problems.append(f"{invalid} message(s) on {self.config.ipc_address(self.suffix)} were no image the "
+                            f"driver could read (last: {last_error})")
+        return problems
 
     def _stop_requested(self) -> bool:
         return self._stop_recording.is_set() or self.stopping
@@ -453,6 +459,7 @@ class WriterDriver(Service):
         stop_recording, service_stop = self._stop_recording, self._stop
         receive = subscriber.receive
         count = 0
+        last_id = -1
         next_check = clock() + CHECK_PERIOD
         while count < n_image and not (stop_recording.is_set() or service_stop.is_set()):
             image = receive(timeout=CHECK_PERIOD)
@@ -463,15 +470,21 @@ class WriterDriver(Service):
                 if image is None:
                     continue
             metadata = image.metadata
-            if metadata.image_id < start_id:
+            image_id = metadata.image_id
+            if image_id < start_id:
                 counters.add("skipped")
                 continue
+            if image_id <= last_id:
+                raise RunFailed(f"the source's ids went back from {last_id} to {image_id} after {count} images (a "
+                                "restarted source or a new acquisition): the run stops, its files hold the images "
+                                "before")
+            last_id = image_id
             payload = record_image_bytes(metadata.SerializeToString())
             if meta is not None and not meta.send(payload):
-                self._send(meta, payload, f"image {metadata.image_id}")
+                self._send(meta, payload, f"image {image_id}")
             link = links[count % n_links]
             if not link.send(payload):
-                self._send(link, payload, f"image {metadata.image_id}")
+                self._send(link, payload, f"image {image_id}")
             count += 1
             self.count = count
             counters.add("recorded")
