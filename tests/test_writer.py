@@ -551,3 +551,30 @@ time.sleep(600)
         d.close()
         shutil.rmtree(base)
         unlink_ipc(config.ipc_address("writer-0"))
+
+
+def test_a_driver_gone_mid_run_gets_the_file_closed(make_config, service, driver, tmp_path) -> None:
+    """A driver killed mid-run never sends close_file, and its restart knows nothing of the run:
+    the file stayed open for writing (unreadable without SWMR) until the next run or shutdown."""
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
+    with ImagePublisher(config) as publisher:
+        proc = service(WRITER, path, 0)
+        d = driver(config)
+        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+        for image_id in range(3):
+            d.record(_publish(publisher, config, image_id))
+        assert d.confirm().code == ResponseCode.SUCCESS
+        d.close()  # the driver is gone (as if killed)
+
+        def readable() -> bool:
+            try:
+                with h5py.File(tmp_path / "f.h5", "r") as f:  # not SWMR: refused while open for writing
+                    return f[f"{config.detector_name}/data"].shape[0] == 3
+            except OSError:
+                return False
+
+        assert wait_until(readable, timeout=10), "the file stays open after its driver went away"
+        assert proc.proc.poll() is None
+    assert proc.stop() == 0
+    _, err = proc.output()
+    assert "the driver went away during a run" in err

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 from google.protobuf.message import DecodeError
+from zmq.utils.monitor import recv_monitor_message
 
 from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.bus.sockets import bind, unlink_ipc
@@ -76,6 +77,7 @@ class Writer(Service):
         self.buffer: RamBuffer | None = None
         self._buffer_inode: int | None = None
         self._pull: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # the command socket's disconnect events
         self._push: zmq.Socket | None = None
         self._bound = False
         self._action = WriterAction()
@@ -90,6 +92,7 @@ class Writer(Service):
         pull.setsockopt(zmq.RCVHWM, 0)  # never drop a command: the driver's PUSH blocks instead
         pull.connect(self.command_address)
         self._pull = pull
+        self._monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.setsockopt(zmq.SNDHWM, 1000)
@@ -106,6 +109,7 @@ class Writer(Service):
     def _step(self) -> bool:
         pull = self._pull
         if not pull.poll(100):
+            self._driver_gone()
             return True
         for _ in range(BATCH):
             try:
@@ -117,6 +121,21 @@ class Writer(Service):
                 break
         return True
 
+    def _driver_gone(self) -> None:
+        """Close the open file when the driver went away (checked once no command waits): a
+        driver killed mid-run never sends close_file, and its restart knows nothing of the run,
+        so the file stayed open for writing, unreadable without SWMR, until the next run."""
+        monitor = self._monitor
+        gone = False
+        while monitor is not None and monitor.poll(0):
+            gone |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        if gone and self.file is not None:
+            log.warning("writer %s: the driver went away during a run; closing %s", self.writer_index, self.file.path)
+            try:
+                self._close_file()
+            except StorageError as exc:
+                log.error("%s", exc)
+
     def _close(self) -> None:
         """Close the file (as well as it can be), then the sockets whatever happened (an open
         socket would hang the context's term() for ever)."""
@@ -126,6 +145,10 @@ class Writer(Service):
         except Exception as exc:  # noqa: BLE001 - reported; the sockets must still go
             log.error("closing the file: %s", exc)
         finally:
+            if self._monitor is not None:
+                self._pull.disable_monitor()
+                self._monitor.close(0)
+                self._monitor = None
             for sock in (self._pull, self._push):
                 if sock is not None:
                     sock.close(0)
