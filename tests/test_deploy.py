@@ -208,6 +208,7 @@ def test_children_end_with_the_supervisor_however_it_ends(make_config, how) -> N
     """The supervisor ended by SIGHUP (its ssh session closed) or SIGKILL left its children
     running, orphaned with their shm and sockets."""
     config, path = make_config(number_of_writers=0)
+    started = time.time() - 1
     proc = subprocess.Popen([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     shm = Path(f"/dev/shm/{config.channel('image')}")
@@ -225,3 +226,5 @@ def test_children_end_with_the_supervisor_however_it_ends(make_config, how) -> N
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=30)
+    assert not [p for p in Path("/tmp").glob("stddaq-up-*") if p.stat().st_mtime >= started], \
+        "a supervisor with a config file made a temporary directory (a SIGKILL leaves it behind)"

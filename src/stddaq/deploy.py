@@ -13,6 +13,7 @@ have ended, ipc sockets and shm objects of the detector that a killed child left
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -287,9 +288,9 @@ def deployment_paths(config: DetectorConfig) -> list[Path]:
 def up(config_path: str | None, duration: float | None = None, driver_port: int = DRIVER_PORT) -> int:
     """Entry of `stddaq up`: with no path, the built-in demo configuration."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with tempfile.TemporaryDirectory(prefix="stddaq-up-") as tmp:
-        demo = config_path is None
-        if demo:
+    demo = config_path is None
+    with tempfile.TemporaryDirectory(prefix="stddaq-up-") if demo else contextlib.nullcontext() as tmp:
+        if demo:  # only the demo needs a directory (for its config): a SIGKILLed supervisor leaves it
             path = Path(tmp) / "demo.json"
             path.write_text(demo_config_text(), encoding="utf-8")
             log.info("no config given: running the built-in demo (%s)", path)
