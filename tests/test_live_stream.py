@@ -330,6 +330,44 @@ def test_unrepresentable_dtype_and_bad_blob_are_counted_and_skipped(started_live
     assert "int16" in live.last_error or "blosc2" in live.last_error
 
 
+@pytest.mark.parametrize("stream_type", ["array-1.0", "bsread"])
+def test_a_blosc2_blob_that_crashes_its_decoder_costs_that_image_only(started_live, stream_type) -> None:
+    """Some corrupt blosc2 headers make blosc2 raise SystemError (a negative size): that was not
+    a CodecError, and one such image ended the live stream for every subscriber."""
+    config, live, sock = started_live(stream_type)
+    blob = bytearray(blosc2_encode(ramp(1, config.shape, config.dtype)))
+    blob[7] ^= 0xFF
+    live._handle(FakeImage(_metadata(config, 1, compression=ImageMetadataCompression.blosc2, size=len(blob)),
+                           np.frombuffer(bytes(blob), np.uint8)))
+    live._handle(FakeImage(_metadata(config, 2), ramp(2, config.shape, config.dtype)))
+    assert len(drain(sock, 0.5)) == 1
+    totals = live.stats()
+    assert totals["dropped_decode"] == 1 and totals["sent"] == 1, dict(totals)
+
+
+def test_a_pco_timestamp_bsread_cannot_carry_costs_that_image_only(make_config) -> None:
+    """pco timestamps are uint64 in the metadata, int64 in bsread's timestamp part: 2**63 raised
+    struct.error and ended the bsread stream for every subscriber."""
+    config, _ = make_config(detector_type="pco", image_pixel_height=16, image_pixel_width=24)
+    ctx = zmq.Context()
+    live = LiveStream(config, "tcp://127.0.0.1:*", stream_type="bsread", ctx=ctx).start()
+    sock = raw_sub(ctx, live.endpoints["stream"])
+    try:
+        assert wait_until(lambda: (live._count_subscribers(), live.subscribers)[1] >= 1)
+        for image_id, sec in ((1, 2**63), (2, 1_700_000_000)):
+            metadata = _metadata(config, image_id)
+            metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=sec, global_timestamp_ns=5, bsread_name="X"))
+            live._handle(FakeImage(metadata, ramp(image_id, config.shape, config.dtype)))
+        assert len(drain(sock, 0.5)) == 1
+        totals = live.stats()
+        assert totals["dropped_dtype"] == 1 and totals["sent"] == 1, dict(totals)
+        assert "bsread timestamp 'sec' is 9223372036854775808" in live.last_error
+    finally:
+        sock.close(0)
+        live.close()
+        ctx.term()
+
+
 @pytest.mark.parametrize("compression", ["h5bitshuffle_lz4", "blosc2"])
 def test_compressed_source_is_decoded_for_array10(started_live, compression: str) -> None:
     config, live, sock = started_live("array-1.0")

@@ -67,7 +67,13 @@ def encode_main_header(pulse_id: int, sec: int, ns: int, data_header_hash: str) 
 
 
 def encode_timestamp(sec: int, ns: int) -> bytes:
+    """The 16-byte ``<qq`` timestamp part; FormatError for a value it cannot hold."""
+    check_integer(sec, "bsread timestamp 'sec'", _INT64_MAX)
+    check_integer(ns, "bsread timestamp 'ns'", _INT64_MAX)
     return TIMESTAMP.pack(sec, ns)
+
+
+_INT64_MAX = (1 << 63) - 1
 
 
 class BsreadEncoder:

@@ -321,7 +321,7 @@ def blosc2_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype, shape:
     expected = int(np.prod(shape)) * dtype.itemsize
     try:
         raw = blosc2.decompress2(blob if isinstance(blob, bytes) else bytes(blob))
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, SystemError) as exc:  # SystemError: some corrupt headers (a negative size)
         raise CodecError(f"blosc2 blob does not decode: {exc}") from None
     if len(raw) != expected:
         raise CodecError(f"blosc2 blob holds {len(raw)} bytes, image {shape} {dtype} has {expected}")

@@ -254,6 +254,9 @@ class LiveStream(Service):
         except CodecError as exc:
             self._drop("dropped_decode", f"image {metadata.image_id}: {exc}")
             return
+        except Exception as exc:  # noqa: BLE001 - what the checks missed costs this image, not the stream
+            self._drop("dropped_decode", f"image {metadata.image_id}: cannot be sent: {type(exc).__name__}: {exc}")
+            return
         if not image.intact():  # the slot changed while we copied it: never send a torn image
             counters.add("dropped_torn")
             return
