@@ -239,3 +239,37 @@ def test_a_source_buffer_of_another_size_is_refused_not_fatal(make_config, caplo
     finally:
         ctx.term()
     assert caplog.text.count("was re-created by its writer but cannot be read") == 1
+
+
+@pytest.mark.parametrize("suffix,compression", [("h5bitshuffle-lz4", ImageMetadataCompression.h5bitshuffle_lz4),
+                                                ("blosc2", ImageMetadataCompression.blosc2)])
+def test_monitor_verifies_the_pixels_of_a_compressed_channel(make_config, suffix, compression) -> None:
+    """std_bus_monitor --verify ramp on a compressed channel confirmed images and never compared
+    them: images that are not the ramp passed with corrupt=0."""
+    import threading
+
+    from stddaq.formats.compression import bitshuffle_lz4_encode, blosc2_encode
+    from stddaq.services.monitor import BusMonitor
+
+    config, _ = make_config(ram_buffer_slots=16)
+    encode = bitshuffle_lz4_encode if suffix == "h5bitshuffle-lz4" else blosc2_encode
+    ctx = zmq.Context()
+    source = ImagePublisher(config, suffix, ctx=ctx).open()
+    monitor = BusMonitor(config, suffix=suffix, verify="ramp", ctx=ctx).start()
+    thread = threading.Thread(target=monitor.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: source.subscriber_count() >= 1)
+        for image_id in range(4):
+            pixels = ramp(image_id, config.shape, config.dtype) if image_id % 2 else np.full(config.shape, 7, config.dtype)
+            metadata = image_metadata(config, image_id)
+            metadata.compression = compression
+            source.publish_image(metadata, np.frombuffer(encode(pixels), np.uint8))
+        assert wait_until(lambda: monitor.stats()["processed_times"] >= 4)
+        assert monitor.stats()["corrupt"] == 2, dict(monitor.stats())
+    finally:
+        monitor.stop()
+        thread.join(10)
+        monitor.close()
+        source.close()
+        ctx.term()

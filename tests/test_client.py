@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,3 +109,118 @@ def test_plan_starts_one_live_stream_per_configured_address(make_config) -> None
     streams = [s for s in specs if s.name.startswith("std_live_stream")]
     assert [s.argv[-3:] for s in streams] == [["stddaq.services.live_stream", str(path), "tcp://127.0.0.1:9100"],
                                               ["stddaq.services.live_stream", str(path), "tcp://127.0.0.1:9101"]]
+
+
+# ---------------------------------------------------------------------- `stddaq record` against a scripted driver
+class ScriptedDriver:
+    """A websocket server in a thread that plays ``script(websocket, received)`` to one client."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.received: list[dict] = []
+
+    def __enter__(self) -> ScriptedDriver:
+        import asyncio
+
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    async def _serve(self) -> None:
+        import asyncio
+
+        from websockets.asyncio.server import serve
+
+        self._done = asyncio.Event()
+        async with serve(lambda ws: self.script(ws, self.received), "127.0.0.1", 0) as server:
+            self.url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+            self._ready.set()
+            await self._done.wait()
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(10)
+
+
+async def _play(ws, received: list, statuses: list[dict], *, after_start: bool = True) -> None:
+    import asyncio
+
+    await ws.send(json.dumps({"status": "idle"}))
+    if after_start:
+        received.append(json.loads(await ws.recv()))
+    for status in statuses:
+        await ws.send(json.dumps(status))
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+
+
+def _record(url: str, path, n_images: int) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from stddaq.client.record import record_command
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = record_command(url, str(path), n_images, out=io.StringIO())
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_record_stopped_by_another_client_is_not_a_success(tmp_path) -> None:
+    """The driver saved the files of a run another client stopped after 3 of 1000 images:
+    `stddaq record` printed them and exited 0, so a scan script took the run as done."""
+    run = [{"status": "creating_file"}, {"status": "waiting_for_first_image"}, {"status": "recording", "count": 3},
+           {"status": "stop"}, {"status": "saving_file", "count": 3}, {"status": "file_saved"}]
+    with ScriptedDriver(lambda ws, received: _play(ws, received, run)) as driver:
+        code, out, err = _record(driver.url, tmp_path, 1000)
+    assert code == 1 and "recorded 3 images" in out
+    assert "incomplete: stopped by another client of the driver after 3 of 1000 images" in err
+
+
+@pytest.mark.parametrize("statuses,message", [
+    ([], "closed the connection before start could be sent"),  # was a ConnectionClosedOK traceback
+    ([{"status": "creating_file"}, {"status": "recording", "count": None}], "a count that is no integer >= 0"),
+])
+def test_record_driver_misbehaving_is_one_line_exit_1(tmp_path, statuses, message) -> None:
+    async def script(ws, received) -> None:
+        if not statuses:
+            await ws.send(json.dumps({"status": "idle"}))
+            await ws.close()
+            return
+        await _play(ws, received, statuses)
+
+    with ScriptedDriver(script) as driver:
+        code, _, err = _record(driver.url, tmp_path, 10)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_record_stopped_before_its_start_starts_nothing(tmp_path) -> None:
+    """A Ctrl-C while the client still waited to start (the previous run's end on display) sent
+    start and stop: a run of 0 images that the client called a success."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "file_saved"}))  # the previous run's end, for a moment
+        await asyncio.sleep(0.3)
+        await ws.send(json.dumps({"status": "idle"}))
+        try:
+            received.append(json.loads(await asyncio.wait_for(ws.recv(), 1.0)))
+        except TimeoutError:
+            pass
+
+    async def run(url: str):
+        stop = asyncio.Event()
+        async with DriverClient(url) as client:
+            asyncio.get_running_loop().call_later(0.1, stop.set)
+            return await client.record(str(tmp_path), n_image=10, stop_event=stop)
+
+    with ScriptedDriver(script) as driver:
+        result = asyncio.run(run(driver.url))
+        time.sleep(1.2)
+    assert result.status == "cancelled" and not result.ok and not result.complete
+    assert driver.received == []

@@ -544,6 +544,7 @@ def test_stddaq_record_end_to_end(deployment, service) -> None:
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "stopping" in err and "ctrlc_master.h5" in out
+    assert re.search(r"stopped \(Ctrl-C\) after \d+ of 100000 images", err), err
 
 
 def test_stddaq_record_without_driver_fails_in_one_line(tmp_path) -> None:

@@ -37,17 +37,27 @@ class DriverError(Exception):
 
 @dataclass
 class RecordResult:
-    """How a recording ended: ``status`` file_saved (ok), error or rejected, with the driver's words."""
+    """How a recording ended: ``status`` file_saved (ok), error or rejected, with the driver's words;
+    or cancelled (stopped before the start was sent: nothing recorded)."""
 
     status: str
     count: int = 0
     reason: str | None = None
     files: list[Path] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
+    n_image: int | None = None  # what was asked (None: until stop)
+    stop_sent: bool = False  # this client sent stop (its stop_event)
 
     @property
     def ok(self) -> bool:
+        """The files were saved (maybe fewer images than asked: see ``complete``)."""
         return self.status == "file_saved"
+
+    @property
+    def complete(self) -> bool:
+        """The files were saved with every image asked for. A run stopped early (by this client,
+        or by another client of the driver) saved fewer: ``ok`` but not complete."""
+        return self.ok and (self.n_image is None or self.count >= self.n_image)
 
 
 class DriverClient:
@@ -80,7 +90,13 @@ class DriverClient:
             self._connection = None
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self._connection.send(json.dumps(message))
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._connection.send(json.dumps(message))
+        except ConnectionClosed as exc:
+            raise DriverError(f"the driver at {self.url} closed the connection before {message.get('command')} "
+                              f"could be sent ({exc})") from None
 
     async def start(self, path: str, *, n_image: int | None = None, file_prefix: str | None = None,
                     writer_id: int | None = None, start_id: int | None = None) -> None:
@@ -111,6 +127,9 @@ class DriverClient:
             raise DriverError(f"the driver sent a message that is not JSON: {frame!r:.80}") from None
         if not isinstance(message, dict) or "status" not in message:
             raise DriverError(f"the driver sent a message without status: {frame!r:.80}")
+        count = message.get("count", 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DriverError(f"the driver sent a count that is no integer >= 0: {frame!r:.80}")
         return message
 
     async def statuses(self, timeout: float | None = 5.0) -> AsyncIterator[dict[str, Any]]:
@@ -133,6 +152,9 @@ class DriverClient:
         deadline = time.monotonic() + timeout
         while first["status"] in ("file_saved", "error") and time.monotonic() < deadline:
             first = await self.next_status(timeout)
+        if stop_event is not None and stop_event.is_set():  # stopped while we waited: do not start at all
+            return RecordResult("cancelled", 0, "stopped before the start was sent: nothing recorded",
+                                n_image=n_image)
         started_at = time.time()
         await self.start(path, n_image=n_image, file_prefix=file_prefix, start_id=start_id, writer_id=writer_id)
         seen_busy = False
@@ -161,7 +183,8 @@ class DriverClient:
                     continue
                 if status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL):
                     files = list_files(path, file_prefix or "file", since=started_at) if status == "file_saved" else []
-                    return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses)
+                    return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses,
+                                        n_image, stop_sent)
         finally:
             if stop_wait is not None and not stop_wait.done():
                 stop_wait.cancel()
@@ -258,7 +281,9 @@ class Progress:
 
 def record_command(url: str, path: str, n_images: int, prefix: str | None = None, start_id: int | None = None,
                    out=None) -> int:
-    """`stddaq record`: exit 0 only when the files were saved; Ctrl-C stops and waits for the files.
+    """`stddaq record`: exit 0 only when the files were saved with every image asked for, or with
+    fewer after a Ctrl-C here (stop sent, the files waited for); a run another client stopped
+    early exits 1.
 
     Progress goes to ``out`` (stderr), the list of files to stdout, so a script can take it.
     """
@@ -311,4 +336,12 @@ def record_command(url: str, path: str, n_images: int, prefix: str | None = None
         print(f"  {file}")
     if not result.files:
         print(f"  (not visible from here: {path}/{prefix or 'file'}*.h5 on the driver's host)")
-    return 0
+    if result.complete:
+        return 0
+    if result.stop_sent:  # Ctrl-C here: the user asked for it
+        print(f"stddaq record: stopped (Ctrl-C) after {result.count} of {result.n_image} images", file=sys.stderr)
+        return 0
+    # the files are good, but somebody else stopped the run: a script must not take it as done
+    print(f"stddaq record: incomplete: stopped by another client of the driver after {result.count} of "
+          f"{result.n_image} images", file=sys.stderr)
+    return 1

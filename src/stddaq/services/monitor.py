@@ -13,6 +13,7 @@ import numpy as np
 
 from stddaq.bus.subscriber import ImageSubscriber
 from stddaq.config import DetectorConfig
+from stddaq.formats import compression as codecs
 from stddaq.patterns import Ramp
 from stddaq.protocol import ImageMetadataCompression
 from stddaq.services.base import ArgumentParser, Service, service_main
@@ -40,14 +41,23 @@ class BusMonitor(Service):
         image = self.subscriber.receive(timeout=0.1)
         if image is None:
             return True
-        if self._ramp is not None and image.metadata.compression == ImageMetadataCompression.none:
-            self._ramp.fill(image.image_id, self._expected)
-            equal = np.array_equal(image.data, self._expected)
-            if self.subscriber.confirm(image) and not equal:
-                self.counters.add("corrupt")
-                self.counters.warn("corrupt", log, "image %d does not match the ramp pattern", image.image_id)
-        else:
+        if self._ramp is None:
             self.subscriber.confirm(image)
+            return True
+        self._ramp.fill(image.image_id, self._expected)
+        metadata = image.metadata
+        if metadata.compression == ImageMetadataCompression.none:
+            equal, problem = np.array_equal(image.data, self._expected), "does not match the ramp pattern"
+        else:  # a compressed channel: its pixels are checked too (they were not: corrupt=0 said nothing)
+            blob = image.data.copy()  # decoded from a copy: an overwrite meanwhile is no corrupt blob
+            try:
+                pixels = codecs.decode(metadata, blob)
+                equal, problem = np.array_equal(pixels, self._expected), "decodes to pixels that are not the ramp"
+            except codecs.CodecError as exc:
+                equal, problem = False, f"does not decode: {exc}"
+        if self.subscriber.confirm(image) and not equal:
+            self.counters.add("corrupt")
+            self.counters.warn("corrupt", log, "image %d %s", image.image_id, problem)
         return True
 
     def _close(self) -> None:
