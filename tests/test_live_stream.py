@@ -19,6 +19,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
+from stddaq.bus import ImagePublisher, image_metadata
 from stddaq.client import LiveStreamClient, image_id
 from stddaq.errors import UsageError
 from stddaq.formats import array10, bsread
@@ -491,4 +492,34 @@ def test_a_compressed_image_overwritten_before_it_is_decoded_counts_as_torn(make
     finally:
         live.close()
         source.close()
+        ctx.term()
+
+
+def test_a_source_of_another_layout_is_waited_out_not_fatal(make_config) -> None:
+    """A source started with another config (another image size) made the live stream exit
+    at attach; under stddaq up it crash-looped and took the deployment down. It now says why
+    and streams once the source is re-created with the right config."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=16)
+    other, _ = make_config(detector_name=config.detector_name, image_pixel_height=64, image_pixel_width=64,
+                           ram_buffer_slots=16)
+    ctx = zmq.Context()
+    live = LiveStream(config, "tcp://127.0.0.1:*", ctx=ctx).start()
+    sock = raw_sub(ctx, live.endpoints["stream"])
+    thread = threading.Thread(target=live.run)
+    try:
+        with ImagePublisher(other, ctx=ctx):
+            thread.start()
+            assert wait_until(lambda: live.last_error is not None and "this config implies" in live.last_error)
+            time.sleep(0.3)
+            assert thread.is_alive()
+        with ImagePublisher(config, ctx=ctx) as source:
+            assert wait_until(lambda: source.subscriber_count() >= 1)
+            source.publish_image(image_metadata(config, 3), ramp(3, config.shape, config.dtype))
+            messages = drain(sock, 2.0)
+        assert [json.loads(m[0])["frame"] for m in messages] == [3]
+    finally:
+        live.stop()
+        thread.join(10)
+        sock.close(0)
+        live.close()
         ctx.term()

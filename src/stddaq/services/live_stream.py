@@ -33,7 +33,7 @@ import zmq
 from stddaq.bus.sockets import bind
 from stddaq.bus.subscriber import ImageSubscriber
 from stddaq.config import DetectorConfig
-from stddaq.errors import BufferMissingError, UsageError
+from stddaq.errors import BufferMissingError, BusError, UsageError
 from stddaq.formats import FormatError
 from stddaq.formats.array10 import Array10Encoder
 from stddaq.formats.bsread import BsreadEncoder
@@ -217,6 +217,12 @@ class LiveStream(Service):
                 log.info("waiting for the source buffer /dev/shm/%s: start %s", self.subscriber.layout.name,
                          self.subscriber.created_by)
             self._stop.wait(0.1)
+            return False
+        except (BusError, OSError) as exc:  # there, but not readable with this config: said, waited out
+            if str(exc) != self.last_error:
+                self.last_error = str(exc)
+                log.error("cannot read the source: %s; waiting for it to be re-created", exc)
+            self._stop.wait(0.5)
             return False
         if self._waiting_logged:
             log.info("source buffer /dev/shm/%s found", self.subscriber.layout.name)
