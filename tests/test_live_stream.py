@@ -401,6 +401,20 @@ def test_bsread_passes_h5bitshuffle_through_and_compresses_raw(started_live) -> 
     assert abs(main["global_timestamp"]["sec"] - time.time()) < 60
 
 
+def test_bsread_does_not_pass_on_a_blob_of_another_size(started_live) -> None:
+    """A source h5bitshuffle-lz4 blob whose header holds another number of pixels (cut short,
+    another detector's) went out as a normal bsread message; array-1.0 mode dropped it."""
+    config, live, sock = started_live("bsread")
+    small = bitshuffle_lz4_encode(ramp(1, (4, 6), config.dtype))
+    live._handle(FakeImage(_metadata(config, 1, ImageMetadataCompression.h5bitshuffle_lz4, small.nbytes), small))
+    good = bitshuffle_lz4_encode(ramp(2, config.shape, config.dtype))
+    live._handle(FakeImage(_metadata(config, 2, ImageMetadataCompression.h5bitshuffle_lz4, good.nbytes), good))
+    messages = drain(sock, 0.5)
+    assert [json.loads(m[0])["pulse_id"] for m in messages] == [2]
+    totals = live.stats()
+    assert totals["dropped_decode"] == 1 and "chunk holds 48 bytes of pixels, the image has 768" in live.last_error
+
+
 # ---------------------------------------------------------------- the command line
 def _free_port() -> int:
     ctx = zmq.Context()

@@ -37,7 +37,7 @@ from stddaq.errors import BufferMissingError, BusError, UsageError
 from stddaq.formats import FormatError
 from stddaq.formats.array10 import Array10Encoder
 from stddaq.formats.bsread import BsreadEncoder
-from stddaq.formats.compression import CodecError, bitshuffle_lz4_encode, decode
+from stddaq.formats.compression import CodecError, bitshuffle_lz4_encode, check_chunk, decode
 from stddaq.protocol import ImageMetadata, ImageMetadataCompression, numpy_dtype
 from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
 
@@ -317,8 +317,10 @@ class LiveStream(Service):
             pixels = zmq.Frame(data, copy=True) if compression == _NONE else decode(metadata, data)
             return [encoder.header(metadata.image_id), pixels]
         encoder = self._encoder(BsreadEncoder, shape, dtype)
-        if compression == _H5BSLZ4:
-            blob = zmq.Frame(data, copy=True)  # already a filter-32008 chunk: passed through unchanged
+        if compression == _H5BSLZ4:  # already a filter-32008 chunk: passed through unchanged, if its
+            # header says it holds this image (a blob cut short would go out as a normal message)
+            check_chunk(compression, data, shape[0] * shape[1] * dtype.itemsize, dtype.itemsize)
+            blob = zmq.Frame(data, copy=True)
         elif compression == _NONE:
             blob = bitshuffle_lz4_encode(data)
         else:
