@@ -362,6 +362,20 @@ def test_writer_killed_mid_run_ends_in_error_within_5s(deployment, service) -> N
     assert d.driver.proc.poll() is None, "the driver must survive a writer's death"
 
 
+def _publish_ramps(publisher: ImagePublisher, config, ids, lost=()) -> None:
+    """Publish the ramp image of each id, 10 ms apart. An id in ``lost`` is written, then its
+    slot is taken by the image a ring later before its message goes: lost at every reader."""
+    for image_id in ids:
+        metadata = image_metadata(config, image_id)
+        if image_id in lost:
+            publisher.write_image(metadata, ramp(image_id, config.shape, config.dtype))
+            publisher.begin(image_id + config.n_slots)
+            publisher.send(metadata.SerializeToString())
+        else:
+            publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
+        time.sleep(0.01)
+
+
 def test_images_lost_before_the_driver_read_them_end_the_run_in_error_with_its_files(deployment) -> None:
     """Image 5's slot is overwritten before the driver reads its metadata: its subscriber drops
     it (counted lost). The run ended file_saved as if complete, the master quietly without 5.
@@ -372,15 +386,7 @@ def test_images_lost_before_the_driver_read_them_end_the_run_in_error_with_its_f
     with ImagePublisher(config) as publisher:
         start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 10})
         assert publisher.wait_for_subscribers(1, 10)
-        for image_id in range(11):
-            metadata = image_metadata(config, image_id)
-            if image_id == 5:  # written, then its slot taken by image 69 before its message goes
-                publisher.write_image(metadata, ramp(5, config.shape, config.dtype))
-                publisher.begin(5 + config.n_slots)
-                publisher.send(metadata.SerializeToString())
-                continue
-            publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
-            time.sleep(0.01)
+        _publish_ramps(publisher, config, range(11), lost=(5,))
         reply = session.status("file_saved", "error", timeout=30)
     assert reply["status"] == "error", session.transcript[-5:]
     assert reply["reason"].startswith("1 image(s) lost: overwritten in the RAM buffer before the driver read them")
@@ -435,9 +441,7 @@ def test_a_source_whose_ids_go_back_mid_run_ends_it_before_the_runs_mix(deployme
     with ImagePublisher(config) as publisher:
         start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 30})
         assert publisher.wait_for_subscribers(1, 10)
-        for image_id in [*range(10), *range(3)]:  # a new acquisition: ids from 0 again
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
-            time.sleep(0.01)
+        _publish_ramps(publisher, config, [*range(10), *range(3)])  # a new acquisition: ids from 0 again
         reply = session.status("file_saved", "error", timeout=30)
     assert reply["status"] == "error", session.transcript[-5:]
     assert "the source's ids went back from 9 to 0 after 10 images" in reply["reason"], reply
@@ -469,15 +473,7 @@ def test_an_error_reason_counts_the_images_the_driver_lost_too(deployment) -> No
     with ImagePublisher(config) as publisher:
         start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 100})
         assert publisher.wait_for_subscribers(1, 10)
-        for image_id in range(6):
-            metadata = image_metadata(config, image_id)
-            if image_id == 5:  # its slot taken before its message goes: lost at the driver
-                publisher.write_image(metadata, ramp(5, config.shape, config.dtype))
-                publisher.begin(5 + config.n_slots)
-                publisher.send(metadata.SerializeToString())
-            else:
-                publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
-            time.sleep(0.01)
+        _publish_ramps(publisher, config, range(6), lost=(5,))
         session.until(lambda m: m["status"] == "recording" and m["count"] >= 5)
         d.writers[0].proc.send_signal(signal.SIGKILL)
         reply = session.status("file_saved", "error", timeout=30)

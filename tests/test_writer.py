@@ -310,15 +310,21 @@ def test_disk_full_answers_failure_and_the_file_stays_readable(make_config, serv
             _umount(mount)
 
 
+def _three_images_written(publisher, config, path, service, driver, file: Path):
+    """A writer process with ``file`` open and images 0..2 in it, confirmed: (process, driver)."""
+    proc = service(WRITER, path, 0)
+    d = driver(config)
+    assert d.create(file).code == ResponseCode.SUCCESS
+    for image_id in range(3):
+        d.record(_publish(publisher, config, image_id))
+    assert d.confirm().code == ResponseCode.SUCCESS
+    return proc, d
+
+
 def test_sigterm_closes_the_open_file(make_config, service, driver, tmp_path) -> None:
     config, path = make_config(number_of_writers=1)
     with ImagePublisher(config) as publisher:
-        proc = service(WRITER, path, 0)
-        d = driver(config)
-        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
-        for image_id in range(3):
-            d.record(_publish(publisher, config, image_id))
-        assert d.confirm().code == ResponseCode.SUCCESS
+        proc, _ = _three_images_written(publisher, config, path, service, driver, tmp_path / "f.h5")
         assert proc.stop() == 0
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert f[f"{config.detector_name}/data"].shape[0] == 3
@@ -558,12 +564,7 @@ def test_a_driver_gone_mid_run_gets_the_file_closed(make_config, service, driver
     the file stayed open for writing (unreadable without SWMR) until the next run or shutdown."""
     config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
     with ImagePublisher(config) as publisher:
-        proc = service(WRITER, path, 0)
-        d = driver(config)
-        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
-        for image_id in range(3):
-            d.record(_publish(publisher, config, image_id))
-        assert d.confirm().code == ResponseCode.SUCCESS
+        proc, d = _three_images_written(publisher, config, path, service, driver, tmp_path / "f.h5")
         d.close()  # the driver is gone (as if killed)
 
         def readable() -> bool:
