@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -224,3 +225,41 @@ def test_record_stopped_before_its_start_starts_nothing(tmp_path) -> None:
         time.sleep(1.2)
     assert result.status == "cancelled" and not result.ok and not result.complete
     assert driver.received == []
+
+
+def test_blocking_record_sends_stop_at_ctrl_c(tmp_path) -> None:
+    """A Ctrl-C in a script calling the blocking ``record()`` left the driver recording on, with
+    nobody following: the run went on for its n_image."""
+    import asyncio
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "idle"}))
+        received.append(json.loads(await ws.recv()))
+        count = 0
+        while True:
+            count += 1
+            await ws.send(json.dumps({"status": "recording", "count": count}))
+            try:
+                received.append(json.loads(await asyncio.wait_for(ws.recv(), 0.05)))
+                break
+            except TimeoutError:
+                continue
+        for status in ({"status": "saving_file", "count": count}, {"status": "file_saved"}):
+            await asyncio.sleep(0.2)
+            await ws.send(json.dumps(status))
+        await asyncio.sleep(0.5)
+
+    code = ("import sys\nfrom stddaq.client.record import record\n"
+            "record(sys.argv[1], sys.argv[2], n_image=100000, on_status=lambda m: print(m['status'], flush=True))")
+    with ScriptedDriver(script) as driver:
+        proc = subprocess.Popen([sys.executable, "-c", code, driver.url, str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "recording"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+    assert [m["command"] for m in driver.received] == ["start", "stop"]
+    assert out.strip().splitlines()[-1] == "file_saved"  # it waited for the files to be closed
+    assert proc.returncode != 0 and err.strip().splitlines()[-1] == "KeyboardInterrupt"

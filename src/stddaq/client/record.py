@@ -224,12 +224,25 @@ def list_files(path: str | Path, prefix: str, since: float = 0.0) -> list[Path]:
 
 def record(url: str, path: str, *, n_image: int | None = None, file_prefix: str | None = None,
            start_id: int | None = None, on_status: Callable[[dict[str, Any]], None] | None = None) -> RecordResult:
-    """Blocking form of ``DriverClient.record``."""
+    """Blocking form of ``DriverClient.record``.
+
+    A Ctrl-C (KeyboardInterrupt) stops the recording, as in ``stddaq record``: stop is sent, the
+    driver's closing of the files is waited for, then KeyboardInterrupt is raised, so a scan
+    script stops too. A second Ctrl-C leaves at once (the driver then ends the run alone).
+    """
 
     async def run() -> RecordResult:
         async with DriverClient(url) as driver:
-            return await driver.record(path, n_image=n_image, file_prefix=file_prefix, start_id=start_id,
-                                       on_status=on_status)
+            stop = asyncio.Event()
+            following = asyncio.ensure_future(driver.record(path, n_image=n_image, file_prefix=file_prefix,
+                                                            start_id=start_id, on_status=on_status,
+                                                            stop_event=stop))
+            try:
+                return await asyncio.shield(following)
+            except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task, then raises KeyboardInterrupt
+                stop.set()
+                await following  # a second Ctrl-C ends asyncio.run here
+                raise
 
     return asyncio.run(run())
 
