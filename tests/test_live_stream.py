@@ -369,6 +369,18 @@ def test_a_pco_timestamp_bsread_cannot_carry_costs_that_image_only(make_config) 
         ctx.term()
 
 
+def test_a_pco_ns_of_a_second_or_more_is_carried_into_sec(started_live) -> None:
+    """bsread readers add ns / 1e9 to sec: a pco ns of 2.5e9 went out as is (2.5 s late, or
+    rejected by readers that check the range)."""
+    config, live, sock = started_live("bsread")
+    metadata = _metadata(config, 3)
+    metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=1_700_000_001, global_timestamp_ns=2_500_000_005))
+    live._handle(FakeImage(metadata, ramp(3, config.shape, config.dtype)))
+    (message,) = drain(sock, 0.5)
+    assert json.loads(message[0])["global_timestamp"] == {"sec": 1_700_000_003, "ns": 500_000_005}
+    assert message[3] == bsread.encode_timestamp(1_700_000_003, 500_000_005)
+
+
 @pytest.mark.parametrize("compression", ["h5bitshuffle_lz4", "blosc2"])
 def test_compressed_source_is_decoded_for_array10(started_live, compression: str) -> None:
     config, live, sock = started_live("array-1.0")

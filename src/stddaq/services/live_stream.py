@@ -328,7 +328,10 @@ class LiveStream(Service):
         if metadata.WhichOneof("image_metadata") == "pco":
             pco = metadata.pco
             name = pco.bsread_name or self._default_name
-            sec, ns = pco.global_timestamp_sec, pco.global_timestamp_ns
+            # bsread readers take ns as the fraction of the second: a camera's ns of 10**9 or more
+            # is carried into sec
+            sec, ns = pco.global_timestamp_sec + pco.global_timestamp_ns // 1_000_000_000, \
+                pco.global_timestamp_ns % 1_000_000_000
         else:
             name = self._default_name
             sec, ns = divmod(time.time_ns(), 1_000_000_000)
