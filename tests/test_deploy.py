@@ -121,6 +121,20 @@ def test_up_rejects_a_driver_port_out_of_range() -> None:
     assert out.returncode == 2 and "70000 is not allowed: must be a TCP port 0..65535" in out.stderr
 
 
+def test_a_child_stopped_from_outside_is_restarted() -> None:
+    """A service that ended with exit 0 (an operator's SIGTERM to its pid) was not restarted: the
+    deployment ran on without it, and `stddaq up` said nothing but an info line."""
+    quitter = ServiceSpec("quitter", [sys.executable, "-c", "print('up', flush=True)"])
+    out = io.StringIO()
+    supervisor = Supervisor([quitter], backoff=0.02, out=out)
+    thread = _run(supervisor)
+    try:
+        assert wait_until(lambda: out.getvalue().count("[quitter] up") >= 2, timeout=15)
+    finally:
+        supervisor.stop()
+        thread.join(timeout=15)
+
+
 def test_a_child_refusing_its_config_is_not_restarted() -> None:
     """Exit code 2 is a usage or config error: a restart fails the same way (it was retried 6
     times, ~20 s, before the deployment gave up)."""

@@ -1,9 +1,10 @@
 """`stddaq up`: start the services one config describes, keep them running, stop them all.
 
 The supervisor owns its child processes: it forwards their output line by line with the
-service's name in front, restarts one that crashed (with a growing pause, and gives up after a
-few quick crashes in a row; a child that exits 2, a usage or config error, is not restarted:
-it would fail the same way), and on Ctrl-C/SIGTERM/SIGHUP stops them all. First the services
+service's name in front, restarts one that ended (crashed, or was stopped from outside: every
+service runs until the deployment stops), with a growing pause, and gives up after a few quick
+ends in a row (a child that exits 2, a usage or config error, is not restarted: it would fail
+the same way); on Ctrl-C/SIGTERM/SIGHUP it stops them all. First the services
 that must finish their work with the others still running (the writer driver saves the files of
 a recording, which needs its writers), each with its own grace period; then the rest, consumers
 before producers: SIGTERM, then SIGKILL for any that has not ended after the grace period. The
@@ -55,8 +56,6 @@ class ServiceSpec:
 
     name: str
     argv: list[str]
-    restart: bool = True
-    critical: bool = False  # when it ends by itself (exit 0), the deployment ends
     #: stopped (and waited for, up to ``grace`` s) before all the others: it needs them to finish
     stop_first: bool = False
     grace: float | None = None  # None: the supervisor's
@@ -208,14 +207,8 @@ class Supervisor:
                 continue
             if proc is None or proc.poll() is None:
                 continue
-            code = proc.returncode
-            if code == 0 and child.spec.critical:
-                log.info("%s finished; stopping the deployment", child.spec.name)
-                return False
-            if not child.spec.restart or code == 0:
-                log.info("%s exited with code %d", child.spec.name, code)
-                child.process = None
-                continue
+            code = proc.returncode  # every service runs until stopped: any end is restarted, even exit 0
+            # (an operator's SIGTERM or kill of one pid: the deployment would run on without it)
             if code == USAGE_EXIT:
                 self.failed = f"{child.spec.name} refused its arguments or config (exit code 2: see its message above)"
                 log.error("%s; stopping the deployment", self.failed)
@@ -226,7 +219,8 @@ class Supervisor:
                 log.error("%s; stopping the deployment", self.failed)
                 return False
             pause = min(self.backoff * 2 ** (child.quick_crashes - 1), 10.0)
-            log.warning("%s exited with code %d; restarting in %.1f s", child.spec.name, code, pause)
+            log.warning("%s exited with code %d%s; restarting in %.1f s", child.spec.name, code,
+                        " (it was stopped from outside the deployment?)" if code == 0 else "", pause)
             child.restart_at = now + pause
         return True
 
