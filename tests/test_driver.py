@@ -362,6 +362,32 @@ def test_writer_killed_mid_run_ends_in_error_within_5s(deployment, service) -> N
     assert d.driver.proc.poll() is None, "the driver must survive a writer's death"
 
 
+def test_a_hung_writer_ends_the_run_once_the_source_overwrote_its_images(deployment, service) -> None:
+    """A paused writer (SIGSTOP: a hung file system, a debugger) was noticed only after
+    confirm_timeout (30 s), the status saying `recording` with a rising count all along, though
+    its images were overwritten in the ring within a second."""
+    d = deployment(2, ram_buffer_slots=100)
+    session, run_dir = d.session, d.run_dir
+    service(SIM, d.path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
+    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    writer1 = d.writers[1].proc
+    paused_at = time.monotonic()
+    writer1.send_signal(signal.SIGSTOP)
+    try:
+        reply = session.status("error", timeout=20)
+        waited = time.monotonic() - paused_at
+    finally:
+        writer1.send_signal(signal.SIGCONT)
+    assert waited < 5, (waited, reply)  # the ring of 100 slots at 200 Hz is overwritten every 0.5 s
+    assert reply["reason"].startswith("writer 1 has not taken image "), reply
+    assert "the source has overwritten its slot since: the writer is stuck or too slow" in reply["reason"]
+    data0, rows0 = read_file(run_dir / "file0.h5", d.config.detector_name)  # the other one closed its file
+    check_ramp(data0, rows0["image_id"], d.config)
+    session.status("idle")
+    assert d.driver.proc.poll() is None
+
+
 def _publish_ramps(publisher: ImagePublisher, config, ids, lost=()) -> None:
     """Publish the ramp image of each id, 10 ms apart. An id in ``lost`` is written, then its
     slot is taken by the image a ring later before its message goes: lost at every reader."""

@@ -106,6 +106,8 @@ class WriterLink:
         self.peers = 0
         self.outstanding = 0  # requests sent whose answer has not come yet (answers come in order)
         self.asked_at = 0.0  # when the oldest outstanding request was sent
+        self.last_sent_id = -1  # the id of the last image handed to this writer (this run)
+        self.asked_after_id = -1  # the last image sent before the oldest outstanding request
         self.push: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.pull: zmq.Socket | None = None
@@ -158,6 +160,7 @@ class WriterLink:
             return False
         if self.outstanding == 0:
             self.asked_at = now
+            self.asked_after_id = self.last_sent_id
         self.outstanding += 1
         return True
 
@@ -167,6 +170,7 @@ class WriterLink:
         if response is not None and self.outstanding:
             self.outstanding -= 1
             self.asked_at = now
+            self.asked_after_id = self.last_sent_id
         return response
 
     def drain(self) -> int:
@@ -175,6 +179,7 @@ class WriterLink:
         while self.response() is not None:
             n += 1
         self.outstanding = 0
+        self.last_sent_id = self.asked_after_id = -1
         return n
 
     def close(self) -> None:
@@ -464,7 +469,7 @@ class WriterDriver(Service):
         while count < n_image and not (stop_recording.is_set() or service_stop.is_set()):
             image = receive(timeout=CHECK_PERIOD)
             if image is None or clock() >= next_check:
-                self._check_writers()
+                self._check_writers(subscriber.buffer)
                 counters.tick()
                 next_check = clock() + CHECK_PERIOD
                 if image is None:
@@ -480,24 +485,32 @@ class WriterDriver(Service):
                                 "before")
             last_id = image_id
             payload = record_image_bytes(metadata.SerializeToString())
-            if meta is not None and not meta.send(payload):
-                self._send(meta, payload, f"image {image_id}")
+            if meta is not None:
+                if not meta.send(payload):
+                    self._send(meta, payload, f"image {image_id}")
+                meta.last_sent_id = image_id
             link = links[count % n_links]
             if not link.send(payload):
                 self._send(link, payload, f"image {image_id}")
+            link.last_sent_id = image_id
             count += 1
             self.count = count
             counters.add("recorded")
             if count == 1:
                 self._set_status(Status.recording)
 
-    def _check_writers(self) -> None:
+    def _check_writers(self, ring: RamBuffer | None = None) -> None:
         """While recording: a writer that died, failed to write, or stopped answering ends the run.
 
         Writers answer nothing to record_image; a failure is told in the answer to the next
-        request, so each writer is asked confirm_last_image every CONFIRM_PERIOD s.
+        request, so each writer is asked confirm_last_image every CONFIRM_PERIOD s. A writer
+        answers in order, so one that has not answered has not taken the image sent before the
+        question either: once the source's ``ring`` (guarded) no longer holds that image, the
+        writer has lost it, and the run ends then (a hung writer: within a ring's time at a
+        fast source), not after confirm_timeout.
         """
         now = self.clock()
+        guarded = ring is not None and ring.sequence is not None
         for link in self._all_links():
             while (response := link.answer(now)) is not None:
                 _check_answer(link, response, "writing")
@@ -507,7 +520,17 @@ class WriterDriver(Service):
             if link.outstanding == 0:
                 if now - link.asked_at >= CONFIRM_PERIOD:
                     link.request(CONFIRM_LAST_IMAGE, now)
-            elif now - link.asked_at > self.confirm_timeout:
+                continue
+            # (a source re-created since, its ids begun again, does not count: the ids going back say that)
+            overtaken = (guarded and link.asked_after_id >= 0 and not ring.holds(link.asked_after_id)
+                         and ring.newest_id() > link.asked_after_id)
+            if overtaken and link.pull.poll(100):  # an answer on its way: the writer was just in time
+                continue
+            if overtaken:
+                raise RunFailed(f"{link.name} has not taken image {link.asked_after_id} in "
+                                f"{now - link.asked_at:.1f} s, and the source has overwritten its slot since: "
+                                "the writer is stuck or too slow")
+            if now - link.asked_at > self.confirm_timeout:
                 raise RunFailed(f"{link.name} has not confirmed its images for {self.confirm_timeout:g} s (stuck?)")
 
     def _write_master(self, start: StartCommand) -> None:
