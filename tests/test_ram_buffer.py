@@ -204,3 +204,37 @@ def test_buffer_being_created_is_waited_for_not_refused() -> None:
     finally:
         if os.path.exists(f"/dev/shm/{name}"):
             os.unlink(f"/dev/shm/{name}")
+
+
+def test_attach_never_pairs_old_slots_with_a_new_guard(monkeypatch) -> None:
+    """The slots and the guard are opened one after the other: a writer re-creating the buffer
+    in between gave the reader the old (unlinked) slots under the new guard, every image read
+    from a mapping nobody writes any more, the guard vouching for them."""
+    import stddaq.bus.ram_buffer as ram_buffer
+
+    layout = BufferLayout(unique_name("race"), slot_n_bytes=4096, n_slots=4)
+    old = RamBuffer.create(layout)
+    new: list[RamBuffer] = []
+    shm_open = ram_buffer._posixshmem.shm_open
+    replaced = []
+
+    def replace_first(path, *args, **kwargs):  # the writer restarts just as the reader opens the guard
+        if path.endswith(GUARD_SUFFIX) and not replaced:
+            replaced.append(path)
+            old.close()
+            new.append(RamBuffer.create(layout))
+            new[0].begin_write(1)
+            new[0].slot_bytes(1)[:] = 7
+            new[0].end_write(1)
+        return shm_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(ram_buffer._posixshmem, "shm_open", replace_first)
+    try:
+        with pytest.raises(BufferMissingError, match="is being re-created by its writer"):
+            RamBuffer.attach(layout)
+        reader = RamBuffer.attach(layout)  # the next try maps the new buffer, slots and guard
+        assert reader.holds(1) and (reader.slot_bytes(1) == 7).all()
+        reader.close()
+    finally:
+        for buffer in (old, *new):
+            buffer.close()

@@ -122,14 +122,16 @@ def _abandoned(name: str) -> bool:
     return True
 
 
-def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> mmap.mmap:
+def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> tuple[mmap.mmap, int]:
+    """The mapping and the object's inode (a re-created object has another one)."""
     flags = (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else (os.O_RDWR if writable else os.O_RDONLY)
     fd = _posixshmem.shm_open("/" + name, flags, mode=0o660)
     try:
+        info = os.fstat(fd)
         if create:
             os.ftruncate(fd, n_bytes)
         else:
-            actual = os.fstat(fd).st_size
+            actual = info.st_size
             if actual == 0:  # claimed by its writer, not sized yet (see RamBuffer.create)
                 raise FileNotFoundError(name)
             if actual != n_bytes:
@@ -138,7 +140,7 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> mmap.mma
                     f"(check image size, bit_depth, ram_buffer_gb/ram_buffer_slots against the service that created it)"
                 )
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if (create or writable) else 0)
-        return mmap.mmap(fd, n_bytes, mmap.MAP_SHARED, prot)
+        return mmap.mmap(fd, n_bytes, mmap.MAP_SHARED, prot), info.st_ino
     finally:
         os.close(fd)
 
@@ -187,7 +189,7 @@ class RamBuffer:
         lock_fd = guard = None
         try:
             _unlink(layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
-            guard = _open_shm(layout.name + GUARD_SUFFIX, _guard_n_bytes(layout), create=True, writable=True)
+            guard, _ = _open_shm(layout.name + GUARD_SUFFIX, _guard_n_bytes(layout), create=True, writable=True)
             np.frombuffer(guard, np.uint64, _LAYOUT_WORDS, 8 * layout.n_slots)[:] = (
                 LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, 0)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
@@ -210,9 +212,16 @@ class RamBuffer:
 
     @classmethod
     def attach(cls, layout: BufferLayout, *, created_by: str = "the service that writes this channel") -> RamBuffer:
-        """Map an existing buffer read-only; the errors say which object and who creates it."""
+        """Map an existing buffer read-only; the errors say which object and who creates it.
+
+        The slots and the guard are two objects, opened one after the other: if the slots'
+        name no longer leads to the object mapped once the guard is open, their writer re-created
+        the buffer in between, and the guard may be the new one's; BufferMissingError then (try
+        again), never an old mapping under a new guard. (The writer makes the new guard only
+        after unlinking the old slots, so slots still linked mean the guard is theirs.)
+        """
         try:
-            data = _open_shm(layout.name, layout.n_bytes, create=False, writable=False)
+            data, inode = _open_shm(layout.name, layout.n_bytes, create=False, writable=False)
         except FileNotFoundError:
             raise BufferMissingError(
                 f"shared memory /dev/shm/{layout.name} does not exist: start {created_by} first"
@@ -238,6 +247,16 @@ class RamBuffer:
                 raise BufferLayoutError(
                     f"shared memory /dev/shm/{layout.name} {problem} (check image size, bit_depth, "
                     f"ram_buffer_gb/ram_buffer_slots against the service that created it)")
+        try:
+            replaced = os.stat(f"/dev/shm/{layout.name}").st_ino != inode
+        except FileNotFoundError:
+            replaced = True
+        if replaced:
+            for m in (data, guard):
+                if m is not None:
+                    m.close()
+            raise BufferMissingError(f"shared memory /dev/shm/{layout.name} is being re-created by its writer: "
+                                     "try again")
         return cls(layout, data, guard, owner=False)
 
     def populate(self, image_id: int) -> None:
