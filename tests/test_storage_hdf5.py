@@ -361,9 +361,10 @@ def test_disk_full_fails_before_writing_and_the_file_stays_readable(tmp_path) ->
         subprocess.run(["umount", str(target)], capture_output=True)
 
 
-def _writer_files(directory: Path, ids_per_writer: list[list[int]]) -> None:
+def _writer_files(directory: Path, ids_per_writer: list[list[int]], prefix: str = "run_") -> None:
     for index, ids in enumerate(ids_per_writer):
-        with ImageFile.create(directory / f"run_{index}.h5", "det", SHAPE, DT, gpfs_block_size=3 * IMAGE_BYTES) as f:
+        with ImageFile.create(directory / f"{prefix}{index}.h5", "det", SHAPE, DT,
+                              gpfs_block_size=3 * IMAGE_BYTES) as f:
             for image_id in ids:
                 f.append(image_id, 1 if image_id % 5 else 2, ramp(image_id, SHAPE, DT))
 
@@ -408,6 +409,29 @@ def test_master_of_irregular_and_empty_files(tmp_path) -> None:
     write_master(tmp_path, "run_", "det", 2)
     with h5py.File(tmp_path / "run__master.h5", "r") as f:
         assert f["det/data"].shape == (0, *SHAPE) and len(f["det/metadata"]) == 0
+
+
+@pytest.mark.parametrize("prefix", ["scan_100%%_", "scan_100%_", "a%b_"])
+def test_master_of_a_prefix_with_percent_signs(tmp_path, prefix) -> None:
+    """HDF5 reads a virtual source's file name as a printf-like pattern: with %% in the prefix
+    the master's images all read as 0 after a run said file_saved; with % the master failed."""
+    _writer_files(tmp_path, [[0, 2], [1, 3]], prefix)
+    write_master(tmp_path, prefix, "det", 2)
+    with h5py.File(tmp_path / f"{prefix}_master.h5", "r") as f:
+        assert all(np.array_equal(f["det/data"][k], ramp(k, SHAPE, DT)) for k in range(4))
+
+
+def test_a_master_whose_sources_do_not_read_back_is_refused(tmp_path, monkeypatch) -> None:
+    """Whatever makes HDF5 miss a source file, its images would read as fill (0), silently."""
+    import stddaq.storage.hdf5 as hdf5
+
+    _writer_files(tmp_path, [[0, 2], [1, 3]])
+    real = h5py.VirtualSource
+    monkeypatch.setattr(hdf5.h5py, "VirtualSource", lambda name, *a, **k: real("elsewhere.h5", *a, **k))
+    with pytest.raises(StorageError, match=r"cannot write master run__master.h5: its image 2 does not read back "
+                                           r"as image 1 of run_0.h5 \(the virtual dataset does not find that file\)"):
+        write_master(tmp_path, "run_", "det", 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_0.h5", "run_1.h5"]
 
 
 def test_master_errors(tmp_path) -> None:

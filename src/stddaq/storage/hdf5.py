@@ -800,6 +800,20 @@ def _strided_runs(positions: np.ndarray) -> list[tuple[int, int, int, int]]:
     return runs
 
 
+def _check_master(master: Path, detector_name: str, probes: list[tuple[int, Path, int]]) -> None:
+    """Read one image of each writer file through the master's virtual dataset, against the file
+    itself: a source HDF5 does not find reads as fill value, silently. StorageError if one differs."""
+    with h5py.File(master, "r") as f:
+        data = f[f"{detector_name}/data"]
+        for row, path, source_row in probes:
+            with h5py.File(path, "r") as source:
+                expected = source[f"{detector_name}/data"][source_row]
+            if data[row].tobytes() != expected.tobytes():
+                raise StorageError(f"cannot write master {master.name.removeprefix('.').removesuffix('.tmp')}: "
+                                   f"its image {row} does not read back as image {source_row} of {path.name} "
+                                   "(the virtual dataset does not find that file)")
+
+
 def write_master(directory: str | Path, prefix: str, detector_name: str, n_writers: int,
                  meta_file: str | None = None) -> Path:
     """Write ``DIR/<prefix>_master.h5`` over ``DIR/<prefix><i>.h5`` (i < n_writers); returns its path.
@@ -842,12 +856,17 @@ def write_master(directory: str | Path, prefix: str, detector_name: str, n_write
 
     layout = h5py.VirtualLayout(shape=(total, *image_shape), dtype=dtype)
     offset = 0
+    probes = []  # (row of the master, writer file, its row): one per writer file, checked once written
     for i, (name, shape, _, _, _) in enumerate(sources):
         n = counts[i]
         if n:
-            source = h5py.VirtualSource(name, f"{detector_name}/data", shape=(shape[0], *image_shape))
+            # HDF5 reads a source file name as a printf-like pattern (%b: a block number): a % of
+            # the prefix must be doubled, else the master's images read as fill (0) or it fails
+            source = h5py.VirtualSource(name.replace("%", "%%"), f"{detector_name}/data",
+                                        shape=(shape[0], *image_shape))
             for src, length, dst, step in _strided_runs(position[offset:offset + n]):
                 layout[dst:dst + (length - 1) * step + 1:step] = source[src:src + length]
+            probes.append((int(position[offset + n - 1]), directory / name, n - 1))
         offset += n
 
     final = directory / master_file_name(prefix)
@@ -860,11 +879,11 @@ def write_master(directory: str | Path, prefix: str, detector_name: str, n_write
             group.attrs["writer_files"] = [s[0] for s in sources]
             if meta_file is not None:
                 group["meta"] = h5py.ExternalLink(meta_file, f"/{detector_name}")
+        _check_master(temporary, detector_name, probes)
         os.replace(temporary, final)
-    except (OSError, RuntimeError, ValueError) as exc:
-        try:
-            temporary.unlink()
-        except FileNotFoundError:
-            pass
+    except (OSError, RuntimeError, ValueError, StorageError) as exc:
+        temporary.unlink(missing_ok=True)
+        if isinstance(exc, StorageError):
+            raise
         raise StorageError(f"cannot write master {final}: {_describe_os_error(exc, final)}") from None
     return final
