@@ -20,6 +20,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+import zmq
 from conftest import wait_until
 
 from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
@@ -28,7 +29,7 @@ from stddaq.deploy import plan
 from stddaq.errors import BusError, ConfigError
 from stddaq.formats.compression import bitshuffle_lz4_header, decode
 from stddaq.patterns import ramp
-from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
+from stddaq.protocol import ImageMetadata, ImageMetadataCompression, ImageMetadataStatus
 from stddaq.services.compress import (
     COMPRESSED,
     FORWARDED,
@@ -516,6 +517,44 @@ def test_a_failure_while_closing_still_lets_go_of_threads_sockets_and_buffers(ma
     with pytest.raises(BusError, match="does not fit a slot"):
         stage.close()
     assert stage._pool is None and stage.publisher is None and stage.subscriber is None
+
+
+def test_images_published_at_close_still_reach_a_reader_slow_for_a_moment(make_config) -> None:
+    """The stage's publisher was closed with linger 0: messages still queued in its socket (a
+    reader not scheduled for a moment) were dropped, the tail of a run lost without a gap."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=8)
+    stage = Compressor(config, blosc2_codec(), threads=2).start()
+    ctx = zmq.Context()
+    reader = ctx.socket(zmq.SUB)
+    reader.setsockopt(zmq.RCVHWM, 1000)  # it takes a little, so the rest waits in the stage's socket
+    reader.setsockopt(zmq.SUBSCRIBE, b"")
+    reader.setsockopt(zmq.RCVTIMEO, 3000)
+    reader.connect(config.ipc_address("blosc2"))
+    received = []
+
+    def read_later() -> None:
+        time.sleep(0.1)  # the reader comes back while the stage is closing
+        while True:
+            try:
+                received.append(reader.recv())
+            except zmq.Again:
+                return
+
+    try:
+        assert stage.publisher.wait_for_subscribers(1, timeout=10)
+        metadata = image_metadata(config)
+        metadata.size = 100
+        for image_id in range(20_000):  # about 1 MB of messages: more than the kernel's socket buffers hold
+            metadata.image_id = image_id
+            stage._outbox.append(ImageMetadata.FromString(metadata.SerializeToString()))
+        thread = threading.Thread(target=read_later)
+        thread.start()
+        stage.close()
+        thread.join(timeout=30)
+    finally:
+        reader.close(0)
+        ctx.term()
+    assert len(received) == 20_000
 
 
 def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> None:

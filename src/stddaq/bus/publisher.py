@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 #: up instead of silently missing messages (a reader that falls far behind loses slots anyway,
 #: and the overwrite guard tells it so).
 METADATA_HWM = 100_000
+#: seconds a stopping producer gives a reader that was slow for a moment (not scheduled, busy)
+#: to take what is queued for it: the connection stays open that long while a subscriber is
+#: connected (``hold_for_readers``), then the socket closes with that linger. Before, with 0, a
+#: reader lost the last images silently (the tail of a run: no gap after them).
+CLOSE_LINGER = 0.5
 
 
 def image_metadata(config: DetectorConfig, image_id: int = 0) -> ImageMetadata:
@@ -134,6 +139,14 @@ class ImagePublisher:
         return True
 
     # ------------------------------------------------------------------ lifetime
+    def hold_for_readers(self, seconds: float) -> None:
+        """Keep the connection open up to ``seconds`` while a subscriber is connected, before a
+        close: libzmq drops what a reader has not taken off the connection when it closes (its
+        queue was full: the reader was busy), even with a linger."""
+        deadline = time.monotonic() + seconds
+        while self.socket is not None and self.subscriber_count() > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def close(self, linger: float = 0.0) -> None:
         """Flush queued metadata for up to ``linger`` seconds, then release socket and shm."""
         if self.socket is not None:
