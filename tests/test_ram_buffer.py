@@ -99,6 +99,27 @@ def test_overtaken_within_says_when_the_writer_is_nearly_a_ring_ahead() -> None:
         assert not reader.overtaken_within(14, 1)
 
 
+def test_a_leftover_id_in_a_slot_the_new_run_skipped_is_no_writer_ahead() -> None:
+    """Ids 100..119, then a new run 0, 1, 3..9 in the same buffer (id 2 never came): slot 2 still
+    held 114, which passed for the writer being at 10, and image 3, intact and read in time,
+    was given up (counted lost, the log blaming the reader's speed)."""
+    layout = BufferLayout(unique_name("gap"), slot_n_bytes=64, n_slots=8)
+    with RamBuffer.create(layout) as ring:
+        for image_id in [*range(100, 120), 0, 1, *range(3, 10)]:
+            ring.begin_write(image_id)
+            ring.end_write(image_id)
+        stale = 0 + 8 - 1  # what the subscriber passes after the ids went back to 0
+        assert not ring.overtaken_within(3, 1, stale)  # slot 2 (id 10's) holds 114: no evidence
+        assert ring.overtaken_within(3, 2, stale)  # slot 1 holds 9 = 3 + 8 - 2: the writer is there
+        ring.begin_write(10)
+        assert ring.overtaken_within(3, 1, stale)  # now it is at 10
+    with RamBuffer.create(layout) as ring:
+        for image_id in range(18):  # the writer two rings past image 1
+            ring.begin_write(image_id)
+            ring.end_write(image_id)
+        assert ring.overtaken_within(1, 1)  # slot 0 holds 16, and image 1's own slot is gone
+
+
 def test_attach_missing_names_object_and_creator() -> None:
     layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=2)
     with pytest.raises(BufferMissingError, match=rf"/dev/shm/{layout.name} does not exist: start std_sim"):

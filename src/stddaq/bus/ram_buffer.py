@@ -351,10 +351,16 @@ class RamBuffer:
         ``newest_id``): ids up to it prove nothing, and then this says False."""
         if self.sequence is None:
             return False
-        ahead = image_id + self.layout.n_slots - margin
+        n_slots = self.layout.n_slots
+        ahead = image_id + n_slots - margin
         if ahead <= newest_stale:
             return False
-        return int(self.sequence[ahead % self.layout.n_slots]) >= 2 * ahead + 1
+        there = (int(self.sequence[ahead % n_slots]) - 1) // 2  # the id begun in that slot last
+        if ahead <= there < image_id + n_slots:
+            return True
+        # a higher id there is a leftover of an earlier run (that slot's id of the new run never
+        # came), or the writer is a ring ahead: then the image's own slot is overwritten already
+        return int(self.sequence[image_id % n_slots]) != 2 * image_id + 2
 
     def newest_id(self) -> int:
         """The highest image id whose writing has begun in any slot (-1: none, or unguarded)."""
