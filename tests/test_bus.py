@@ -174,6 +174,32 @@ def test_reader_follows_a_restarted_writer(make_config) -> None:
         ctx.term()
 
 
+def test_images_in_use_stay_good_when_the_reader_follows_a_restarted_writer(make_config) -> None:
+    """Following a re-created buffer closed the old one: every image of it still being worked
+    on (a stage's threads) said overwritten and was counted lost, though its bytes were whole."""
+    config, _ = make_config()
+    ctx = zmq.Context()
+    subscriber = ImageSubscriber(config, ctx=ctx).connect()
+    kept = []
+    try:
+        for run in range(2):
+            publisher = ImagePublisher(config, ctx=ctx).open()
+            assert wait_until(lambda p=publisher: subscriber.socket.poll(10) is not None and p.subscriber_count() == 1)
+            publisher.publish_image(image_metadata(config, 5 - run), ramp(run, config.shape, config.dtype))
+            image = subscriber.receive(timeout=5)
+            assert image is not None
+            kept.append(image)
+            publisher.close()
+        old, new = kept
+        assert old._buffer is not new._buffer and subscriber.buffer is new._buffer
+        assert subscriber.confirm(old) and np.array_equal(old.data, ramp(0, config.shape, config.dtype))
+        assert subscriber.confirm(new) and subscriber.stats.totals().get("lost", 0) == 0
+    finally:
+        kept.clear()
+        subscriber.close()
+        ctx.term()
+
+
 def test_a_writer_caught_while_it_re_creates_its_buffer_is_waited_for(make_config) -> None:
     """A restarting writer first claims the name with an empty object, then sizes it. A reader
     that looks in that moment keeps the buffer it has (no exception out of receive) and takes

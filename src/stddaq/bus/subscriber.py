@@ -143,11 +143,11 @@ class ImageSubscriber:
                 time.sleep(0.05)
 
     def _attach(self) -> RamBuffer:
-        """Map the buffer now under the channel's name; the one mapped before is closed only once
-        the new one is mapped (BufferMissingError leaves it as it was)."""
+        """Map the buffer now under the channel's name (BufferMissingError leaves the one mapped
+        before as it was). The one before is let go, not closed: images of it still in use (a
+        stage's threads compressing them) keep it mapped, and their bytes stay good (its writer
+        is gone, so its guard words no longer change); it is unmapped with the last of them."""
         new = RamBuffer.attach(self.layout, created_by=self.created_by)
-        if self.buffer is not None:
-            self.buffer.close()
         self.buffer = new
         self._buffer_inode = _inode(self.layout.name)
         self._newest_stale = self.buffer.newest_id()
