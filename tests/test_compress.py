@@ -6,6 +6,7 @@ compression); the stages run as real subprocesses between real shm rings and ipc
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -555,6 +556,32 @@ def test_images_published_at_close_still_reach_a_reader_slow_for_a_moment(make_c
         reader.close(0)
         ctx.term()
     assert len(received) == 20_000
+
+
+def test_the_last_stats_line_counts_what_is_finished_while_closing(make_config, caplog) -> None:
+    """The last stats line was printed before close(), which publishes the images still being
+    compressed: the totals said fewer compressed than processed, with nothing lost or too big."""
+    from stddaq.services.base import ArgumentParser, Service, service_main
+
+    class Closing(Service):  # finishes its work in close(), as the stage does with -t 2
+        name = "closing"
+
+        def _start(self) -> None:
+            self.counters.declare("compressed")
+
+        def _step(self) -> bool:
+            return False
+
+        def _close(self) -> None:
+            self.counters.add("compressed", 3)
+
+    config, path = make_config()
+    parser = ArgumentParser()
+    parser.add_argument("detector_json_filename")
+    with caplog.at_level(logging.INFO, logger="stddaq.stats"):
+        assert service_main("closing", parser, lambda c, _a: Closing(c), [str(path)]) == 0
+    lines = "\n".join(record.getMessage() for record in caplog.records)
+    assert stage_totals(lines, config.detector_name, "closing")["compressed"] == 3
 
 
 def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> None:

@@ -233,8 +233,10 @@ def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorCon
     try:
         service.start()
         service.run()
-        service.counters.flush()
-        service.close()
+        try:
+            service.close()
+        finally:  # after close: what a service finishes while closing (a stage's last images) is in it
+            service.counters.flush()
     except StddaqError as exc:
         service.close_quietly()
         print(f"{prog}: error: {exc}", file=sys.stderr)
