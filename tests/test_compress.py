@@ -370,6 +370,7 @@ def test_waits_for_a_missing_source_then_compresses(make_config, service) -> Non
     (["h5bitshuffle_lz4", "-t", "1", "-b", "-16"], "block size -16 is not allowed"),
     (["h5bitshuffle_lz4", "-t", "1", "-b", "24"], "24 bytes is not a multiple of 16 (8 x 2 bytes per pixel)"),
     (["h5bitshuffle_lz4", "-t", "1", "-b", "4k"], "-b/--block_size"),
+    (["h5bitshuffle_lz4", "-t", "1", "-b", str(2**32)], "must be at most 2113929216 (LZ4's largest input"),
     (["zstd", "-t", "1"], "must be the codec: blosc2 or h5bitshuffle_lz4"),
 ])
 def test_bad_arguments_exit_2_with_one_line(make_config, service, args, message) -> None:
@@ -644,7 +645,8 @@ def test_plan_starts_the_stages_a_config_asks_for(make_config) -> None:
     ({"blosc2": {"level": 0}}, "'compression_stages.blosc2.level' has value 0"),
     ({"blosc2": {"threads": 0}}, "'compression_stages.blosc2.threads' has value 0"),
     ({"blosc2": {"thread": 2}}, "'compression_stages.blosc2.thread'"),
-    ({"h5bitshuffle_lz4": {"block_size": 24}}, "block_size 24 is not a multiple of 16 (8 x 2 bytes per pixel)"),
+    ({"h5bitshuffle_lz4": {"block_size": 24}}, "block size 24 bytes is not a multiple of 16 (8 x 2 bytes per pixel)"),
+    ({"h5bitshuffle_lz4": {"block_size": 2**32}}, "block size 4294967296 bytes is not allowed: must be at most"),
 ])
 def test_bad_compression_stages_config_is_named(make_config, stages, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

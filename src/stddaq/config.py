@@ -109,10 +109,13 @@ class DetectorConfig(BaseModel):
         stage = value.get("h5bitshuffle_lz4")
         if stage is None or "bit_depth" not in info.data or "detector_type" not in info.data:
             return value
+        from stddaq.formats.compression import check_block_bytes  # here: the codecs load only if asked for
+
         itemsize = 4 if info.data["detector_type"] == "jungfrau-converted" else info.data["bit_depth"] // 8
-        if stage.block_size % (8 * itemsize):
-            raise ValueError(f"h5bitshuffle_lz4 block_size {stage.block_size} is not a multiple of {8 * itemsize} "
-                             f"(8 x {itemsize} bytes per pixel)")
+        try:
+            check_block_bytes(stage.block_size, itemsize)
+        except ValueError as exc:
+            raise ValueError(f"h5bitshuffle_lz4 {exc}") from None
         return value
 
     @field_validator("live_stream_configs")

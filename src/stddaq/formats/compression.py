@@ -48,8 +48,16 @@ def default_block_elements(itemsize: int) -> int:
     return max(8, (DEFAULT_BLOCK_BYTES // itemsize) // 8 * 8)
 
 
+#: the largest block LZ4 compresses in one piece (LZ4_MAX_INPUT_SIZE); the chunk header's field
+#: is a u32 and bitshuffle counts a block's elements in a C int, both larger
+MAX_BLOCK_BYTES = 0x7E000000
+
+
 def check_block_bytes(block_bytes: int, itemsize: int) -> int:
     """Elements per block for a ``-b BLOCK_BYTES`` option (0 = default); ValueError if not allowed."""
+    if block_bytes > MAX_BLOCK_BYTES:
+        raise ValueError(f"block size {block_bytes} bytes is not allowed: must be at most {MAX_BLOCK_BYTES} "
+                         "(LZ4's largest input; a block larger than the image gains nothing)")
     if block_bytes < 0:
         raise ValueError(f"block size {block_bytes} is not allowed: must be 0 (default) or a positive multiple of "
                          f"{8 * itemsize} bytes (8 x {itemsize} bytes per pixel)")
