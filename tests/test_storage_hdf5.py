@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -464,6 +465,30 @@ def test_create_on_a_full_disk_is_refused(tmp_path) -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "disk full" in out and "f.h5" in out, out
+
+
+def test_a_directory_the_switched_user_may_not_write_is_named(tmp_path) -> None:
+    """The writer creates files under a switched effective uid; the check asked about the real
+    one (root), so such a directory passed and HDF5's own 'Permission denied' came instead."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch the effective uid")
+    directory = Path(tempfile.mkdtemp(prefix="root_only", dir="/tmp"))  # pytest's tmp_path is root's only
+    directory.chmod(0o755)
+    code = textwrap.dedent(f"""
+        import os
+        from stddaq.errors import StorageError
+        from stddaq.storage import ImageFile
+        os.seteuid(65534)
+        try:
+            ImageFile.create({str(directory / "f.h5")!r}, "det", (4, 4), "<u2")
+        except StorageError as exc:
+            print(exc)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    finally:
+        directory.rmdir()
+    assert f"directory {directory} is not writable by uid 65534" in out, out
 
 
 def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -> None:

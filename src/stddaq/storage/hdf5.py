@@ -185,7 +185,7 @@ def _check_directory(path: Path) -> None:
             raise StorageError(f"cannot create {path}: {directory} is not a directory")
     except OSError as exc:  # e.g. a directory name longer than the system allows
         raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
         raise StorageError(f"cannot create {path}: directory {directory} is not writable by uid {os.geteuid()}")
 
 
