@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from stddaq.errors import StorageError, WriteFailed
 from stddaq.formats.compression import bitshuffle_lz4_encode, blosc2_encode
 from stddaq.patterns import Noise, ramp
-from stddaq.protocol import GFImageMetadata, ImageMetadata
+from stddaq.protocol import GFImageMetadata, ImageMetadata, PcoImageMetadata
 from stddaq.storage import ImageFile, MetadataFile, write_master
 from stddaq.storage.hdf5 import (
     BITSHUFFLE_LZ4,
@@ -336,6 +337,20 @@ def test_create_errors_name_the_problem(tmp_path) -> None:
         ImageFile.create(tmp_path / "f.h5", "det", SHAPE, DT, compression=7)
     with pytest.raises(StorageError, match="detector type 'x' is not allowed"):
         MetadataFile.create(tmp_path / "m.h5", "det", "x")
+
+
+def test_a_long_bsread_name_is_cut_at_a_character_and_said(tmp_path, caplog) -> None:
+    """A pco bsread_name over 128 bytes was cut without a word, mid-character: not UTF-8 any more."""
+    name = "X" * 127 + "é" + "tail"
+    with caplog.at_level(logging.WARNING), MetadataFile.create(tmp_path / "m.h5", "det", "pco") as meta:
+        for image_id in range(2):
+            meta.append(ImageMetadata(image_id=image_id, status=1, height=4, width=4, size=32, dtype=2,
+                                      pco=PcoImageMetadata(bsread_name=name)))
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        stored = f["det/metadata"]["pco_bsread_name"]
+    assert [value.decode() for value in stored] == ["X" * 127] * 2
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{tmp_path / 'm.h5'}: bsread_name of 133 bytes stored cut to 128 ({name[:40]!r}...)") == 1
 
 
 def test_disk_full_fails_before_writing_and_the_file_stays_readable(tmp_path) -> None:

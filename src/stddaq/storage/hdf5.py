@@ -667,6 +667,7 @@ class MetadataFile:
         self._guard = _SpaceGuard(path)
         self.failure: str | None = None
         self._closed = False
+        self._name_cut = False
 
     @classmethod
     def create(cls, path: str | Path, detector_name: str, detector_type: str) -> MetadataFile:
@@ -702,7 +703,7 @@ class MetadataFile:
             group = getattr(metadata, self.kind)
             for name in self._fields:
                 value = getattr(group, name)
-                row[f"{self.kind}_{name}"] = value.encode()[:BSREAD_NAME_BYTES] if isinstance(value, str) else value
+                row[f"{self.kind}_{name}"] = self._fit_name(value) if isinstance(value, str) else value
         else:
             for name in self._fields:
                 row[f"{self.kind}_{name}"] = b"" if name == "bsread_name" else 0
@@ -710,6 +711,17 @@ class MetadataFile:
         self._count += 1
         if self._n_rows == len(self._rows):
             self._write_rows()
+
+    def _fit_name(self, name: str) -> bytes:
+        """The name's UTF-8 in BSREAD_NAME_BYTES, cut at a character boundary (said once per file)."""
+        encoded = name.encode()
+        if len(encoded) <= BSREAD_NAME_BYTES:
+            return encoded
+        if not self._name_cut:
+            self._name_cut = True
+            log.warning("%s: bsread_name of %d bytes stored cut to %d (%r...)", self.path, len(encoded),
+                        BSREAD_NAME_BYTES, name[:40])
+        return encoded[:BSREAD_NAME_BYTES].decode("utf-8", "ignore").encode()
 
     def _write_rows(self) -> None:
         n = self._n_rows
