@@ -56,6 +56,11 @@ DEFAULT_GPFS_BLOCK_SIZE = 16 * 1024 * 1024
 METADATA_RESERVE = 1024 * 1024
 #: Re-read the free space after this many bytes at the latest (other writers share the disk).
 FREE_SPACE_RECHECK = 256 * 1024 * 1024
+#: Writers a file system is assumed shared by: one spends at most this fraction of the free space
+#: it measured before measuring again, so up to this many (a run's N writers and its Meta
+#: writer) never spend together more than there is, and each refuses a write cleanly (its file
+#: closes readable) instead of HDF5 meeting ENOSPC inside (a file not even closable).
+WRITERS_SHARING = 8
 #: Metadata rows per chunk of the compound datasets (16 bytes a row in raw files).
 METADATA_CHUNK_ROWS = 1024
 #: Chunks are aligned to at most this (see the module docstring).
@@ -160,7 +165,7 @@ class _SpaceGuard:
     def check(self, n_bytes: int, file_size: int) -> None:
         if n_bytes > self._budget:
             available = self._measure(file_size)
-            self._budget = min(available, FREE_SPACE_RECHECK)
+            self._budget = min(available // WRITERS_SHARING, FREE_SPACE_RECHECK)
             if n_bytes > available:
                 raise OSError(errno.ENOSPC, f"disk full: {max(available, 0) + METADATA_RESERVE} bytes free for "
                                             f"{self.path}, the next write needs {n_bytes} (+{METADATA_RESERVE} "
