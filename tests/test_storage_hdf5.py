@@ -583,6 +583,41 @@ def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -
     assert all(np.array_equal(data[k], ramp(k, SHAPE, DT)) for k in range(4))
 
 
+def test_rows_that_cannot_be_written_after_a_failure_name_their_images(tmp_path) -> None:
+    """After a first failure (disk full), the rows of compressed images already on disk could
+    not be written at close either: close trimmed those images away and said only 'cannot
+    flush', naming none of them."""
+    path = tmp_path / "c.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, BITSHUFFLE_LZ4)
+    real = f._metadata
+    for image_id in range(5):  # on disk; their rows wait for a whole metadata chunk or a flush
+        f.append(image_id, 1, bitshuffle_lz4_encode(ramp(image_id, SHAPE, DT)))
+
+    def full(*_args) -> None:
+        raise OSError(errno.ENOSPC, "disk full: 0 bytes free")
+
+    f._guard.check = full
+    with pytest.raises(WriteFailed) as first:
+        f.append(5, 1, bitshuffle_lz4_encode(ramp(5, SHAPE, DT)))
+    assert first.value.image_ids == (5,)
+
+    class FailingWrites:  # the metadata dataset, its writes failing now too
+        shape = property(lambda self: real.shape)
+        resize = staticmethod(real.resize)
+
+        class id:  # noqa: N801 - h5py's attribute name
+            @staticmethod
+            def write_direct_chunk(*args) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+    f._metadata = FailingWrites()
+    with pytest.raises(WriteFailed) as closing:
+        f.close()
+    assert closing.value.image_ids == (0, 1, 2, 3, 4)
+    data, meta = _read(path)
+    assert len(data) == len(meta) == 0
+
+
 def test_an_empty_compressed_blob_is_refused_without_a_row(tmp_path: Path) -> None:
     """A 0-byte blob cannot be an HDF5 chunk: refused before its row is added, so the file never
     shows a fill-value image under a real id, and the next image takes the next row."""

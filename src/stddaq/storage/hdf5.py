@@ -583,7 +583,15 @@ class ImageFile:
         except (OSError, RuntimeError) as exc:
             if self.failure is None:
                 self._fail(exc, self._written)
-            raise StorageError(f"cannot flush {self.path}: {_describe_os_error(exc, self.path)}") from None
+            # it failed before: the images on disk whose rows cannot be written now are lost too
+            # (close trims them: no image without its metadata row), and said so
+            lost = tuple(int(i) for i in self._rows["image_id"][:self._n_rows])
+            self._n_rows = 0
+            reason = _describe_os_error(exc, self.path)
+            if lost:
+                log.error("%s: %s; %d more image(s) lost", self.path, reason, len(lost))
+                raise WriteFailed(f"{len(lost)} image(s) not written ({_id_ranges(lost)}): {reason}", lost) from None
+            raise StorageError(f"cannot flush {self.path}: {reason}") from None
 
     def close(self) -> None:
         """Flush, trim the extents to what is on disk, close. Raises WriteFailed/StorageError if the
