@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +205,27 @@ def test_documented_session_then_the_files(deployment, service) -> None:
         check_ramp(master, ids, config)
         meta = f[f"{det}/meta"]  # the link to the metadata writer's file
         assert len(next(iter(meta.values()))) == n
+
+
+def test_with_switch_user_the_master_belongs_to_the_runs_user(deployment, service) -> None:
+    """The writers' files belong to writer_id; the master, written by the driver (root), did
+    not: the user could neither change nor replace it."""
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root")
+    d = deployment(1, ram_buffer_slots=64, switch_user_active=True)
+    base = Path(tempfile.mkdtemp(prefix="stddaq-master-user-"))  # pytest's tmp_path is root's only
+    try:
+        os.chmod(base, 0o755)
+        run_dir = base / "run"
+        run_dir.mkdir()
+        os.chown(run_dir, 12345, 12345)
+        service(SIM, d.path, "--rate", 200)
+        start_when_writers_ready(d.session, {"command": "start", "path": str(run_dir), "n_image": 10,
+                                             "writer_id": 12345})
+        d.session.status("file_saved", timeout=30)
+        assert {p.name: os.stat(p).st_uid for p in run_dir.iterdir()} == {"file0.h5": 12345, "file_master.h5": 12345}
+    finally:
+        shutil.rmtree(base)
 
 
 def test_1000_images_over_3_writers_master_in_order(deployment, service) -> None:

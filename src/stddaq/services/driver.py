@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import pwd
 import queue
 import threading
 import time
@@ -686,11 +688,20 @@ def _put_latest(client: asyncio.Queue, message: dict[str, Any]) -> None:
 
 def default_master_writer(start: StartCommand, n_writers: int, meta_file: Path | None,
                           config: DetectorConfig) -> None:
-    """The merged ``<prefix>_master.h5`` (storage.hdf5.write_master; imported late: h5py is heavy)."""
+    """The merged ``<prefix>_master.h5`` (storage.hdf5.write_master; imported late: h5py is heavy).
+
+    With switch_user_active it belongs to the run's user (writer_id) and their primary group, as
+    the writers' files do: written by the driver (root), the user could not change or remove it."""
     from stddaq.storage.hdf5 import write_master
 
-    write_master(start.path, start.file_prefix, config.detector_name, n_writers,
-                 meta_file=meta_file.name if meta_file is not None else None)
+    master = write_master(start.path, start.file_prefix, config.detector_name, n_writers,
+                          meta_file=meta_file.name if meta_file is not None else None)
+    if config.switch_user_active and start.writer_id > 0 and os.geteuid() == 0:
+        try:
+            group = pwd.getpwuid(start.writer_id).pw_gid
+        except KeyError:  # a uid without a passwd entry: the group stays (as for the writers)
+            group = -1
+        os.chown(master, start.writer_id, group)
 
 
 def build_parser() -> ArgumentParser:
