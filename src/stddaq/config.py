@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stddaq.errors import ConfigError
+from stddaq.formats import check_block_bytes
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ class DetectorConfig(BaseModel):
         stage = value.get("h5bitshuffle_lz4")
         if stage is None or "bit_depth" not in info.data or "detector_type" not in info.data:
             return value
-        from stddaq.formats.compression import check_block_bytes  # here: the codecs load only if asked for
-
         itemsize = 4 if info.data["detector_type"] == "jungfrau-converted" else info.data["bit_depth"] // 8
         try:
             check_block_bytes(stage.block_size, itemsize)

@@ -37,3 +37,34 @@ def type_name(dtype, types: dict, format_name: str) -> str:
     if name not in types or dtype.byteorder == ">":
         raise FormatError(f"dtype {dtype} is not representable in {format_name} (allowed: {', '.join(types)})")
     return name
+
+
+# ---------------------------------------------------------------- bitshuffle blocks (filter 32008)
+# Here, not in formats.compression: the config validates -b with them without loading the codecs.
+DEFAULT_BLOCK_BYTES = 8192
+
+
+def default_block_elements(itemsize: int) -> int:
+    """bitshuffle's default block: 8192 bytes worth of elements, a multiple of 8."""
+    return max(8, (DEFAULT_BLOCK_BYTES // itemsize) // 8 * 8)
+
+
+#: the largest block LZ4 compresses in one piece (LZ4_MAX_INPUT_SIZE); the chunk header's field
+#: is a u32 and bitshuffle counts a block's elements in a C int, both larger
+MAX_BLOCK_BYTES = 0x7E000000
+
+
+def check_block_bytes(block_bytes: int, itemsize: int) -> int:
+    """Elements per block for a ``-b BLOCK_BYTES`` option (0 = default); ValueError if not allowed."""
+    if block_bytes > MAX_BLOCK_BYTES:
+        raise ValueError(f"block size {block_bytes} bytes is not allowed: must be at most {MAX_BLOCK_BYTES} "
+                         "(LZ4's largest input; a block larger than the image gains nothing)")
+    if block_bytes < 0:
+        raise ValueError(f"block size {block_bytes} is not allowed: must be 0 (default) or a positive multiple of "
+                         f"{8 * itemsize} bytes (8 x {itemsize} bytes per pixel)")
+    if block_bytes == 0:
+        return default_block_elements(itemsize)
+    if block_bytes % (8 * itemsize):
+        raise ValueError(f"block size {block_bytes} bytes is not a multiple of {8 * itemsize} "
+                         f"(8 x {itemsize} bytes per pixel)")
+    return block_bytes // itemsize

@@ -30,43 +30,22 @@ import bitshuffle
 import blosc2
 import numpy as np
 
+from stddaq.formats import (  # noqa: F401 - the block rules live with the light format helpers (config uses them)
+    DEFAULT_BLOCK_BYTES,
+    MAX_BLOCK_BYTES,
+    check_block_bytes,
+    default_block_elements,
+)
 from stddaq.protocol import ImageMetadataCompression, numpy_dtype
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct(">QI")
-DEFAULT_BLOCK_BYTES = 8192
 BLOSC2_MAX_LEVEL = 9
 
 
 class CodecError(ValueError):
     """A blob that is not what its metadata says (names the image and what is wrong)."""
-
-
-def default_block_elements(itemsize: int) -> int:
-    """bitshuffle's default block: 8192 bytes worth of elements, a multiple of 8."""
-    return max(8, (DEFAULT_BLOCK_BYTES // itemsize) // 8 * 8)
-
-
-#: the largest block LZ4 compresses in one piece (LZ4_MAX_INPUT_SIZE); the chunk header's field
-#: is a u32 and bitshuffle counts a block's elements in a C int, both larger
-MAX_BLOCK_BYTES = 0x7E000000
-
-
-def check_block_bytes(block_bytes: int, itemsize: int) -> int:
-    """Elements per block for a ``-b BLOCK_BYTES`` option (0 = default); ValueError if not allowed."""
-    if block_bytes > MAX_BLOCK_BYTES:
-        raise ValueError(f"block size {block_bytes} bytes is not allowed: must be at most {MAX_BLOCK_BYTES} "
-                         "(LZ4's largest input; a block larger than the image gains nothing)")
-    if block_bytes < 0:
-        raise ValueError(f"block size {block_bytes} is not allowed: must be 0 (default) or a positive multiple of "
-                         f"{8 * itemsize} bytes (8 x {itemsize} bytes per pixel)")
-    if block_bytes == 0:
-        return default_block_elements(itemsize)
-    if block_bytes % (8 * itemsize):
-        raise ValueError(f"block size {block_bytes} bytes is not a multiple of {8 * itemsize} "
-                         f"(8 x {itemsize} bytes per pixel)")
-    return block_bytes // itemsize
 
 
 # ---------------------------------------------------------------- bitshuffle-lz4 (filter 32008)
