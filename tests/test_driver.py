@@ -218,12 +218,14 @@ def test_with_switch_user_the_master_belongs_to_the_runs_user(deployment, servic
         os.chmod(base, 0o755)
         run_dir = base / "run"
         run_dir.mkdir()
-        os.chown(run_dir, 12345, 12345)
+        os.chown(run_dir, 12345, 4321)
+        os.chmod(run_dir, 0o2775)  # a setgid project directory: files take its group
         service(SIM, d.path, "--rate", 200)
         start_when_writers_ready(d.session, {"command": "start", "path": str(run_dir), "n_image": 10,
                                              "writer_id": 12345})
         d.session.status("file_saved", timeout=30)
-        assert {p.name: os.stat(p).st_uid for p in run_dir.iterdir()} == {"file0.h5": 12345, "file_master.h5": 12345}
+        owners = {p.name: (os.stat(p).st_uid, os.stat(p).st_gid) for p in run_dir.iterdir()}
+        assert owners == {"file0.h5": (12345, 4321), "file_master.h5": (12345, 4321)}
     finally:
         shutil.rmtree(base)
 
@@ -409,6 +411,24 @@ def test_a_hung_writer_ends_the_run_once_the_source_overwrote_its_images(deploym
     check_ramp(data0, rows0["image_id"], d.config)
     session.status("idle")
     assert d.driver.proc.poll() is None
+
+
+def test_a_metadata_writer_slow_for_a_moment_does_not_end_the_run(deployment, service) -> None:
+    """The metadata writer reads no pixels: its image going out of the ring loses nothing. A
+    1.5 s stall of it (a metadata file system) ended the run as if it had lost images."""
+    d = deployment(1, meta=True, ram_buffer_slots=100)
+    session = d.session
+    service(SIM, d.path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(d.run_dir), "n_image": 600})
+    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    meta = d.writers[-1].proc
+    meta.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # 3 rings at 200 Hz
+    finally:
+        meta.send_signal(signal.SIGCONT)
+    reply = session.status("error", "file_saved", timeout=30)
+    assert reply["status"] == "file_saved", reply
 
 
 def _publish_ramps(publisher: ImagePublisher, config, ids, lost=()) -> None:

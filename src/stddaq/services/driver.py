@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import os
-import pwd
 import queue
 import threading
 import time
@@ -487,10 +486,8 @@ class WriterDriver(Service):
                                 "before")
             last_id = image_id
             payload = record_image_bytes(metadata.SerializeToString())
-            if meta is not None:
-                if not meta.send(payload):
-                    self._send(meta, payload, f"image {image_id}")
-                meta.last_sent_id = image_id
+            if meta is not None and not meta.send(payload):  # it reads no pixels: no last_sent_id (_check_writers)
+                self._send(meta, payload, f"image {image_id}")
             link = links[count % n_links]
             if not link.send(payload):
                 self._send(link, payload, f"image {image_id}")
@@ -690,18 +687,19 @@ def default_master_writer(start: StartCommand, n_writers: int, meta_file: Path |
                           config: DetectorConfig) -> None:
     """The merged ``<prefix>_master.h5`` (storage.hdf5.write_master; imported late: h5py is heavy).
 
-    With switch_user_active it belongs to the run's user (writer_id) and their primary group, as
-    the writers' files do: written by the driver (root), the user could not change or remove it."""
+    With switch_user_active it belongs to the run's user (writer_id) and the group of the writers'
+    first file (their primary group, or a setgid directory's): written by the driver (root), the
+    user could not change or remove it. A refused chown (root squashed on NFS) is only said."""
     from stddaq.storage.hdf5 import write_master
 
     master = write_master(start.path, start.file_prefix, config.detector_name, n_writers,
                           meta_file=meta_file.name if meta_file is not None else None)
     if config.switch_user_active and start.writer_id > 0 and os.geteuid() == 0:
         try:
-            group = pwd.getpwuid(start.writer_id).pw_gid
-        except KeyError:  # a uid without a passwd entry: the group stays (as for the writers)
-            group = -1
-        os.chown(master, start.writer_id, group)
+            os.chown(master, start.writer_id, os.stat(start.raw_file(0)).st_gid)
+        except OSError as exc:
+            log.warning("%s stays root's: cannot give it to user id %d: %s", master, start.writer_id,
+                        exc.strerror or exc)
 
 
 def build_parser() -> ArgumentParser:
