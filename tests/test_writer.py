@@ -440,6 +440,37 @@ def test_a_compressed_image_whose_blob_holds_another_size_is_refused(make_config
         assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(2, config.shape, config.dtype))
 
 
+def test_images_of_another_channel_than_the_writers_are_refused(make_config, tmp_path) -> None:
+    """A driver on the raw channel (-s image, the default) with writers on h5bitshuffle-lz4: the
+    writer read each compressed slot as if it held pixels and stored the blob's bytes as good
+    images, and the run said file_saved."""
+    config, _ = make_config(number_of_writers=1, ram_buffer_slots=16, image_pixel_height=24,
+                            image_pixel_width=16)
+    with ImagePublisher(config, "h5bitshuffle-lz4") as compressed:
+        writer, answers = _in_process_writer(config, tmp_path, "h5bitshuffle-lz4")
+        try:
+            for image_id, status in ((1, ImageMetadataStatus.good_image), (2, ImageMetadataStatus.missing_packets)):
+                pixels = ramp(image_id, config.shape, config.dtype)
+                blob = np.frombuffer(bitshuffle_lz4_encode(pixels), np.uint8)
+                metadata = image_metadata(config, image_id)
+                metadata.compression, metadata.size = ImageMetadataCompression.h5bitshuffle_lz4, blob.nbytes
+                compressed.begin(image_id)[:blob.nbytes] = blob
+                compressed.publish(metadata)
+                raw = image_metadata(config, image_id)  # what the raw channel said of this image
+                raw.status = status
+                _record(writer, raw)
+            writer.handle(WriterAction(close_file=CloseFile()).SerializeToString())
+            totals = writer.stats()
+        finally:
+            writer.close()
+    assert totals["failed"] == 1, (dict(totals), answers)
+    assert (f"image 1: it is not compressed, but this writer reads {config.channel('h5bitshuffle-lz4')}, whose good "
+            "images are h5bitshuffle_lz4: the driver and the writers must read the same channel (their -s)"
+            in answers[-1][1]), answers
+    with h5py.File(tmp_path / "f.h5", "r") as f:  # (a bad image, raw, is what a stage forwards: taken)
+        assert 1 not in [int(i) for i in f[f"{config.detector_name}/metadata"]["image_id"]]
+
+
 def test_an_unforeseen_error_while_closing_still_closes_the_file_and_sockets(make_config, tmp_path,
                                                                               monkeypatch) -> None:
     """Only StorageError was caught: any other exception out of the last flush left the HDF5 file

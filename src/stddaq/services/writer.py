@@ -40,7 +40,14 @@ from stddaq.bus.sockets import bind, unlink_ipc
 from stddaq.config import DetectorConfig
 from stddaq.errors import BufferMissingError, BusError, StorageError, UsageError, WriteFailed
 from stddaq.formats import compression as codecs
-from stddaq.protocol import DTYPE_TO_NUMPY, ImageMetadata, ResponseCode, WriterAction, WriterResponse
+from stddaq.protocol import (
+    DTYPE_TO_NUMPY,
+    ImageMetadata,
+    ImageMetadataStatus,
+    ResponseCode,
+    WriterAction,
+    WriterResponse,
+)
 from stddaq.services.base import ArgumentParser, Service, die_with_supervisor, service_main
 from stddaq.services.driver_control import groups_of
 from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, NONE, ImageFile, MetadataFile
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 META = "meta"
 #: suffix of the source channel -> compression of the file written from it
 SUFFIX_COMPRESSION = {"h5bitshuffle-lz4": BITSHUFFLE_LZ4, "blosc2": BLOSC2}
+_COMPRESSION_NAMES = {NONE: "not compressed", BITSHUFFLE_LZ4: "h5bitshuffle_lz4", BLOSC2: "blosc2"}
+GOOD = int(ImageMetadataStatus.good_image)
 #: messages handled per step before the loop looks at its stop flag and stats again
 BATCH = 1000
 MAX_REASONS = 5
@@ -391,6 +400,13 @@ class Writer(Service):
                                f"{file.shape[0]}x{file.shape[1]} {file.dtype} (config)")
         if metadata.size > self.layout.slot_n_bytes:
             raise StorageError(f"size {metadata.size} does not fit a slot of {self.layout.slot_n_bytes} bytes")
+        if metadata.compression != file.compression and (metadata.status == GOOD or metadata.compression != NONE):
+            # a good image of another compression than this channel's is another channel's metadata: its
+            # slot here holds something else (a compressed blob read as pixels went into files as good)
+            raise StorageError(f"it is {_COMPRESSION_NAMES.get(metadata.compression, metadata.compression)}, but "
+                               f"this writer reads {self.layout.name}, whose good images are "
+                               f"{_COMPRESSION_NAMES[file.compression]}: the driver and the writers must read the "
+                               "same channel (their -s)")
         buffer = self.buffer if self.buffer is not None else self._source()
         if not buffer.holds(image_id):
             buffer = self._source()  # maybe a new buffer of a restarted source
@@ -405,8 +421,8 @@ class Writer(Service):
         else:
             data = buffer.slot_array(image_id, shape, dtype)
         if file.compression != metadata.compression:
-            # e.g. a bad image the compressor forwarded raw into a compressed channel: convert
-            pixels = codecs.decode(metadata, data) if compressed else np.array(data)
+            # a bad image the compressor forwarded raw into a compressed channel: convert
+            pixels = np.array(data)
             if not buffer.holds(image_id):
                 self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
                 raise _Skip
