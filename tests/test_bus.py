@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -10,7 +11,8 @@ import zmq
 from conftest import wait_until
 
 from stddaq.bus import ImagePublisher, ImageSubscriber, image_metadata
-from stddaq.errors import BufferMissingError
+from stddaq.bus.sockets import unlink_ipc
+from stddaq.errors import BufferMissingError, BusError
 from stddaq.patterns import ramp
 from stddaq.protocol import ImageMetadata, ImageMetadataCompression, ImageMetadataStatus
 
@@ -299,3 +301,27 @@ def test_monitor_verifies_the_pixels_of_a_compressed_channel(make_config, suffix
         monitor.close()
         source.close()
         ctx.term()
+
+
+def test_an_ipc_name_another_process_listens_on_is_not_taken_over(make_config) -> None:
+    """libzmq binds over a live socket file: a second writer or driver of a detector took the
+    first one's names, and removed them when it ended, cutting the first off for good."""
+    from stddaq.bus.sockets import bind, ipc_in_use
+
+    config, _ = make_config()
+    address = config.ipc_address("writer-0")
+    ctx = zmq.Context()
+    first, second = ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+    try:
+        bind(first, address, "the first")
+        with pytest.raises(BusError, match=f"cannot bind the second at {address}: another process listens there"):
+            bind(second, address, "the second")
+        first.close(0)  # as a killed process: its socket file stays behind, nobody listens
+        assert wait_until(lambda: not ipc_in_use(address), timeout=5)  # libzmq closes it in its own thread
+        assert os.path.exists(address.removeprefix("ipc://"))
+        assert bind(second, address, "the second") == address
+    finally:
+        for sock in (first, second):
+            sock.close(0)
+        ctx.term()
+        unlink_ipc(address)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 
-from stddaq.bus import ImageSubscriber
+from stddaq.bus import ImagePublisher, ImageSubscriber
 from stddaq.deploy import ServiceSpec, Supervisor, check_ports_free, listening_ports, plan
 from stddaq.errors import UsageError
 
@@ -92,6 +92,18 @@ def test_up_refuses_a_busy_live_stream_port_before_starting_anything(make_config
     assert f"std_live_stream tcp://127.0.0.1:{port} cannot listen on 127.0.0.1:{port}: the port is in use" \
         in out.stderr
     assert "live_stream_configs" in out.stderr and "[std_sim]" not in out.stdout  # nothing was started
+
+
+def test_up_refuses_a_second_deployment_of_a_running_detector(make_config) -> None:
+    """A second `stddaq up` of one detector took the first one's ipc names (its sim crash-looped
+    meanwhile) and removed them when it ended: the first could never reconnect a writer."""
+    config, path = make_config(number_of_writers=1)
+    with ImagePublisher(config):  # the running deployment's source
+        out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "[std_sim]" not in out.stdout
+    assert (f"a deployment of {config.detector_name} is already running: /tmp/{config.channel('image')} is in use"
+            in out.stderr), out.stderr
 
 
 def test_up_driver_port_option_and_a_busy_driver_port(make_config) -> None:

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from stddaq.bus.ram_buffer import GUARD_SUFFIX
+from stddaq.bus.sockets import ipc_in_use
 from stddaq.config import STAGE_SUFFIXES, DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.services.base import SUPERVISOR_ENV, handle_stop_signals
@@ -279,6 +280,16 @@ def deployment_paths(config: DetectorConfig) -> list[Path]:
     return paths
 
 
+def check_not_running(config: DetectorConfig) -> None:
+    """UsageError if a service of this detector already listens on one of the deployment's ipc
+    sockets: a second deployment would take their names over and cut the first one's services
+    off from each other for good."""
+    for path in deployment_paths(config):
+        if str(path).startswith("/tmp/") and ipc_in_use(str(path)):
+            raise UsageError(f"a deployment of {config.detector_name} is already running: {path} is in use (stop it "
+                             "first, or give this one another detector_name)")
+
+
 def up(config_path: str | None, duration: float | None = None, driver_port: int = DRIVER_PORT) -> int:
     """Entry of `stddaq up`: with no path, the built-in demo configuration."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -292,6 +303,7 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
             path = Path(config_path)
         config = DetectorConfig.load(path)
         check_ports_free(listening_ports(config, driver_port))
+        check_not_running(config)
         supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
                                 leftovers=deployment_paths(config))
 

@@ -7,14 +7,36 @@ binder removes it itself: a name under /tmp belongs to whoever bound it.
 from __future__ import annotations
 
 import os
+import socket
 
 import zmq
 
 from stddaq.errors import BusError
 
 
+def ipc_in_use(address: str) -> bool:
+    """True if a process listens on the socket file of an ``ipc://`` address (or path): a
+    connect succeeds. A file left by a process that is gone refuses the connect: not in use."""
+    path = address.removeprefix("ipc://")
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def bind(sock: zmq.Socket, address: str, what: str) -> str:
-    """Bind ``sock`` and return the address actually bound (``tcp://host:*`` resolved)."""
+    """Bind ``sock`` and return the address actually bound (``tcp://host:*`` resolved).
+
+    An ``ipc://`` address another process listens on is refused: libzmq would silently take
+    the name over (and remove it on close), cutting that process off from its peers for good."""
+    if address.startswith("ipc://") and ipc_in_use(address):
+        raise BusError(f"cannot bind {what} at {address}: another process listens there (is a service of this "
+                       "detector already running?)")
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
