@@ -13,6 +13,13 @@ from stddaq.errors import StddaqError
 from stddaq.services.base import ArgumentParser, non_negative_int, port_number, positive_float, positive_int
 
 
+def driver_url(text: str) -> str:
+    """``--driver``: a websocket address (the client's own check, as one line and exit 2)."""
+    if not text.startswith(("ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a websocket address: must look like ws://host:port")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="stddaq", description="stddaq: std_daq's interface layer in Python")
     parser.add_argument("--version", action="version", version=f"stddaq {__version__}")
@@ -35,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--type", choices=("sub", "pull"), default="sub", help="socket type (default: sub)")
     watch.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds")
     record = sub.add_parser("record", help="record images to HDF5 files through a writer driver (std_det_driver)")
-    record.add_argument("--driver", required=True, help="websocket of the driver, e.g. ws://localhost:8080")
+    record.add_argument("--driver", type=driver_url, required=True,
+                        help="websocket of the driver, e.g. ws://localhost:8080")
     record.add_argument("--path", required=True, help="directory for the files (must exist on the driver's host)")
     record.add_argument("--n-images", type=positive_int, required=True, help="number of images to record")
     record.add_argument("--prefix", default=None, help="file name prefix (driver default: file)")

@@ -182,7 +182,7 @@ class DriverClient:
                     seen_busy = True
                     continue
                 if status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL):
-                    files = list_files(path, file_prefix or "file", since=started_at) if status == "file_saved" else []
+                    files = list_files(path, "file" if file_prefix is None else file_prefix, since=started_at) if status == "file_saved" else []
                     return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses,
                                         n_image, stop_sent)
         finally:
@@ -342,13 +342,13 @@ def record_command(url: str, path: str, n_images: int, prefix: str | None = None
         return 1
     if not result.ok:
         print(f"stddaq record: {result.status}: {result.reason or 'no reason given'} "
-              f"(after {result.count} images)", file=sys.stderr)
+              f"(last count: {result.count} images)", file=sys.stderr)
         return 1
     print(f"recorded {result.count} images; files:")
     for file in result.files:
         print(f"  {file}")
     if not result.files:
-        print(f"  (not visible from here: {path}/{prefix or 'file'}*.h5 on the driver's host)")
+        print(f"  (not visible from here: {path}/{'file' if prefix is None else prefix}*.h5 on the driver's host)")
     if result.complete:
         return 0
     if result.stop_sent:  # Ctrl-C here: the user asked for it
