@@ -11,7 +11,7 @@ import pytest
 from conftest import unique_name
 
 from stddaq.bus.ram_buffer import GUARD_SUFFIX, BufferLayout, RamBuffer
-from stddaq.errors import BufferLayoutError, BufferMissingError, BusError
+from stddaq.errors import BufferLayoutError, BufferMissingError, BusError, ConfigError
 
 
 def test_layout_offsets_and_size() -> None:
@@ -118,6 +118,24 @@ def test_a_leftover_id_in_a_slot_the_new_run_skipped_is_no_writer_ahead() -> Non
             ring.begin_write(image_id)
             ring.end_write(image_id)
         assert ring.overtaken_within(1, 1)  # slot 0 holds 16, and image 1's own slot is gone
+
+
+def test_a_buffer_larger_than_the_room_in_dev_shm_is_refused(monkeypatch) -> None:
+    """It was made (ftruncate reserves nothing), and its writer died of SIGBUS, without a word,
+    once /dev/shm was full: `stddaq up` restarted it again and again."""
+    import stddaq.bus.ram_buffer as ram_buffer
+
+    layout = BufferLayout(unique_name("room"), slot_n_bytes=1 << 20, n_slots=8)
+    real = os.statvfs
+
+    class Almost:  # what /dev/shm would say with 5 MiB free
+        f_bavail, f_frsize = 5, 1 << 20
+
+    monkeypatch.setattr(ram_buffer.os, "statvfs", lambda path: Almost() if path == "/dev/shm" else real(path))
+    with pytest.raises(ConfigError, match=rf"the RAM buffer /dev/shm/{layout.name} needs 0.01 GiB, but /dev/shm has "
+                                          r"0.00 GiB free \(lower ram_buffer_gb or ram_buffer_slots"):
+        RamBuffer.create(layout)
+    assert not os.path.exists(f"/dev/shm/{layout.name}") and not os.path.exists(f"/dev/shm/{layout.name}{GUARD_SUFFIX}")
 
 
 def test_attach_missing_names_object_and_creator() -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stddaq.config import SHM_ALIGNMENT, DetectorConfig
-from stddaq.errors import BufferLayoutError, BufferMissingError, BusError
+from stddaq.errors import BufferLayoutError, BufferMissingError, BusError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,18 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> tuple[mm
         os.close(fd)
 
 
+def _check_room(layout: BufferLayout) -> None:
+    """ConfigError if /dev/shm cannot hold the whole buffer now. Its pages are taken only as
+    slots are first written, so a buffer larger than the room left would be made, and its
+    writer killed by SIGBUS (no message; restarted, again and again) once /dev/shm is full,
+    taking every other buffer there down with it."""
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    if layout.n_bytes > free:
+        raise ConfigError(f"the RAM buffer /dev/shm/{layout.name} needs {layout.n_bytes / 2**30:.2f} GiB, but /dev/shm "
+                          f"has {free / 2**30:.2f} GiB free (lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
+
+
 class RamBuffer:
     """A view of one channel's ring buffer. ``create()`` owns and unlinks; ``attach()`` reads."""
 
@@ -194,6 +206,7 @@ class RamBuffer:
                 LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, 0)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _check_room(layout)
             os.ftruncate(fd, layout.n_bytes)
             data = mmap.mmap(fd, layout.n_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
