@@ -45,6 +45,8 @@ def test_killed_simulator_is_restarted_and_takes_over_its_buffer(make_config) ->
         supervisor.stop()
         thread.join(timeout=30)
     assert "[std_sim]" in out.getvalue()
+    # it ran on, but a script checking `stddaq up`'s exit code must hear of the crash (it exited 0)
+    assert supervisor.failed == "services ended by themselves and were restarted: std_sim 1 time(s)"
 
 
 def test_crash_loop_ends_the_deployment_with_a_reason() -> None:

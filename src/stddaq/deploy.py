@@ -69,6 +69,7 @@ class _Child:
     started: float = 0.0
     quick_crashes: int = 0
     restart_at: float | None = None
+    ends: int = 0  # times it ended by itself (crashed, or stopped from outside) and was restarted
     threads: list[threading.Thread] = field(default_factory=list)
 
 
@@ -219,6 +220,7 @@ class Supervisor:
                 self.failed = f"{child.spec.name} crashed {child.quick_crashes} times in a row (exit code {code})"
                 log.error("%s; stopping the deployment", self.failed)
                 return False
+            child.ends += 1
             pause = min(self.backoff * 2 ** (child.quick_crashes - 1), 10.0)
             log.warning("%s exited with code %d%s; restarting in %.1f s", child.spec.name, code,
                         " (it was stopped from outside the deployment?)" if code == 0 else "", pause)
@@ -234,7 +236,11 @@ class Supervisor:
                 thread.join(timeout=2)
         if killed:
             self.failed = self.failed or f"{', '.join(killed)} did not stop in time and was killed"
-            self._remove_leftovers()
+        ended = [f"{c.spec.name} {c.ends} time(s)" for c in self.children if c.ends]
+        if ended:  # it ran on, but not as asked: a script checking the exit code must know
+            self.failed = self.failed or f"services ended by themselves and were restarted: {', '.join(ended)}"
+            log.error("%s (see their lines above)", self.failed)
+        self._remove_leftovers()  # of a killed or crashed child (the others removed theirs)
 
     def _stop_children(self, children: list[_Child]) -> list[str]:
         """SIGTERM each, wait up to its grace, SIGKILL the late ones; the names of those killed."""
@@ -256,17 +262,18 @@ class Supervisor:
         return killed
 
     def _remove_leftovers(self) -> None:
-        """What killed children could not remove: the deployment's ipc sockets and shm objects
-        (every process of the deployment has ended: none of them is in use)."""
+        """What killed or crashed children could not remove: the deployment's ipc sockets and shm
+        objects (every process of the deployment has ended, and ``up`` checked that no other
+        one uses these names: none of them is in use)."""
         for path in self.leftovers:
             try:
                 path.unlink()
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                log.warning("cannot remove %s, left by a killed service: %s", path, exc.strerror)
+                log.warning("cannot remove %s, left by a killed or crashed service: %s", path, exc.strerror)
                 continue
-            log.info("removed %s, left by a killed service", path)
+            log.info("removed %s, left by a killed or crashed service", path)
 
 
 def deployment_paths(config: DetectorConfig) -> list[Path]:
