@@ -153,3 +153,47 @@ def test_sighup_stops_a_service_unless_it_is_ignored(make_config) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_images_published_before_a_stop_reach_a_reader_slow_for_a_moment(make_config) -> None:
+    """A stopped simulator closed at once: what was queued for a reader that was not scheduled
+    for a moment was dropped, the last images of the run lost without a gap."""
+    import threading
+
+    import zmq
+
+    from stddaq.services.simulator import Simulator
+
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=64)
+    sim = Simulator(config, rate=20_000).start()
+    ctx = zmq.Context()
+    reader = ctx.socket(zmq.SUB)
+    reader.setsockopt(zmq.RCVHWM, 1000)  # it takes a little, so the rest waits in the simulator's socket
+    reader.setsockopt(zmq.SUBSCRIBE, b"")
+    reader.setsockopt(zmq.RCVTIMEO, 3000)
+    reader.connect(config.ipc_address("image"))
+    received = []
+
+    def read_later() -> None:
+        time.sleep(0.1)  # the reader comes back while the simulator is stopping
+        while True:
+            try:
+                received.append(reader.recv())
+            except zmq.Again:
+                return
+
+    try:
+        assert sim.publisher.wait_for_subscribers(1, timeout=10)
+        runner = threading.Thread(target=sim.run)
+        runner.start()
+        time.sleep(0.3)  # about 6000 images, none read yet
+        sim.stop()
+        runner.join(timeout=10)
+        thread = threading.Thread(target=read_later)
+        thread.start()
+        sim.close()
+        thread.join(timeout=30)
+    finally:
+        reader.close(0)
+        ctx.term()
+    assert len(received) == sim.next_id > 2000

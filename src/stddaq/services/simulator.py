@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from stddaq.bus.publisher import ImagePublisher, image_metadata
+from stddaq.bus.publisher import CLOSE_LINGER, ImagePublisher, image_metadata
 from stddaq.config import DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats import MAX_IMAGE_ID
@@ -140,6 +140,9 @@ class Simulator(Service):
 
     def _close(self) -> None:
         if self.publisher is not None:
+            finished = self.n_images is not None and self.next_id >= self.start_id + self.n_images
+            if self.linger and not finished:  # stopped: readers still get what is queued (_finish waited else)
+                self.publisher.hold_for_readers(min(self.linger, CLOSE_LINGER))
             self.publisher.close(linger=min(self.linger, 1.0))
             self.publisher = None
 
