@@ -337,3 +337,37 @@ def test_a_bad_bsread_timestamp_is_refused_and_named(make_config, detector_type,
     finally:
         receiver.close()
         ctx.term()
+
+
+def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config) -> None:
+    """A GigaFRoST camera's array-1.0 header carries exposure_time, timestamp, scan_id, scan_time,
+    sync_time and do_not_store; upstream's receiver puts them into ImageMetadata.gf (a C++
+    std_delay_filter forwards only images with store_image). They were dropped."""
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=4)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type="array-1.0", n_connections=1, ctx=ctx).start()
+    subscriber = ImageSubscriber(config, ctx=ctx).connect(wait=10)
+    subscriber.attach()  # now: the ring goes with the receiver's close, the messages come after
+
+    def message(image_id: int, **fields) -> list:
+        header = {"htype": "array-1.0", "shape": [4, 4], "type": "uint16", "frame": image_id, **fields}
+        return [json.dumps(header).encode(), ramp(image_id, config.shape, config.dtype).tobytes()]
+
+    try:
+        camera = {"exposure_time": 1000, "timestamp": 2**40, "scan_id": 7, "scan_time": 5, "sync_time": 6}
+        assert receiver.handle(message(1, **camera, do_not_store=False))
+        assert receiver.handle(message(2, **camera, do_not_store=True))
+        assert receiver.handle(message(3))  # a sender without them: none, not the ones before
+        assert not receiver.handle(message(4, scan_id=-1))
+        assert "array-1.0 header field 'scan_id' is -1, expected an integer 0..4294967295" in receiver.last_error
+        receiver.close()  # what is held goes out
+        images = [subscriber.receive(timeout=5) for _ in range(3)]
+    finally:
+        subscriber.close()
+        receiver.close()
+        ctx.term()
+    gf = [image.metadata.gf for image in images[:2]]
+    assert [(g.exposure_time, g.frame_timestamp, g.scan_id, g.scan_time, g.sync_time) for g in gf] == \
+        [(1000, 2**40, 7, 5, 6)] * 2
+    assert [g.store_image for g in gf] == [True, False]
+    assert images[2].image_id == 3 and images[2].metadata.WhichOneof("image_metadata") is None

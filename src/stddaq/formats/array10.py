@@ -113,3 +113,24 @@ def decode(parts: list) -> tuple[dict, np.ndarray]:
                           f"shape {list(header.shape)} {header.type} needs {header.n_bytes}")
     pixels = np.frombuffer(data, header.dtype).reshape(header.shape)
     return fields, pixels
+
+
+#: GigaFRoST fields a camera's array-1.0 header may carry, as upstream's std_array10_recv reads
+#: them into ImageMetadata.gf: header key -> (field, highest value)
+GF_HEADER_FIELDS = {"exposure_time": ("exposure_time", (1 << 64) - 1), "timestamp": ("frame_timestamp", (1 << 64) - 1),
+                    "scan_id": ("scan_id", (1 << 32) - 1), "scan_time": ("scan_time", (1 << 32) - 1),
+                    "sync_time": ("sync_time", (1 << 32) - 1)}
+
+
+def gigafrost_fields(header: dict) -> dict | None:
+    """The GFImageMetadata fields of a header (None: it has none of them). ``do_not_store``
+    true makes store_image false (images a std_delay_filter then drops); absent, true."""
+    if not any(key in header for key in (*GF_HEADER_FIELDS, "do_not_store")):
+        return None
+    fields = {field: check_integer(header[key], f"array-1.0 header field {key!r}", high)
+              for key, (field, high) in GF_HEADER_FIELDS.items() if key in header}
+    do_not_store = header.get("do_not_store", False)
+    if not isinstance(do_not_store, bool):
+        raise FormatError(f"array-1.0 header field 'do_not_store' is {do_not_store!r}, expected true or false")
+    fields["store_image"] = not do_not_store
+    return fields

@@ -37,7 +37,7 @@ from stddaq.bus.publisher import CLOSE_LINGER, ImagePublisher, image_metadata
 from stddaq.config import DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats import FormatError, array10, bsread
-from stddaq.protocol import PcoImageMetadata
+from stddaq.protocol import GFImageMetadata, PcoImageMetadata
 from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def decode_message(stream_type: str, parts: list) -> tuple[int, np.ndarray, dict
     """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``."""
     if stream_type == "array-1.0":
         header, pixels = array10.decode(parts)
-        return header["frame"], pixels, {}
+        gf = array10.gigafrost_fields(header)  # a GigaFRoST's own fields, for the services after (delay filter)
+        return header["frame"], pixels, {"gf": gf} if gf else {}
     main, channel, pixels = bsread.decode(parts)
     stamp = main.get("global_timestamp") or {}
     return main["pulse_id"], pixels, {"name": channel.name, "sec": stamp.get("sec", 0), "ns": stamp.get("ns", 0)}
@@ -285,7 +286,11 @@ class StreamReceiver(Service):
         metadata = self._metadata
         try:  # the formats check these values; a value they let through must not stop the receiver
             metadata.image_id = image_id
-            if extra and self.config.detector_type == "pco":
+            if "gf" in extra:
+                metadata.gf.CopyFrom(GFImageMetadata(**extra["gf"]))
+            elif metadata.HasField("gf"):  # the message before had them; this one has not
+                metadata.ClearField("gf")
+            if "name" in extra and self.config.detector_type == "pco":
                 metadata.pco.CopyFrom(PcoImageMetadata(global_timestamp_sec=extra["sec"],
                                                        global_timestamp_ns=extra["ns"], bsread_name=extra["name"]))
         except (ValueError, TypeError, OverflowError) as exc:
