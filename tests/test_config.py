@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -110,6 +111,16 @@ def test_n_slots_from_ram_buffer_gb() -> None:
     assert config.n_slots == (16 << 30) // (2016 * 2016 * 2) == 2113
     small = DetectorConfig.from_dict(base_config(ram_buffer_gb=0.001, ram_buffer_slots=None))
     assert small.n_slots == 1000  # never fewer than 1000 (upstream)
+
+
+def test_a_fractional_ram_buffer_gb_counts_whole_gib_as_upstream_reads_it(caplog) -> None:
+    """The C++ services read ram_buffer_gb as an integer: with 2.5 they found 17476 slots of a
+    480x128 image and we 21845, so each read the other's images at wrong offsets."""
+    with caplog.at_level(logging.WARNING):
+        config = DetectorConfig.from_dict(base_config(image_pixel_height=480, image_pixel_width=128,
+                                                      ram_buffer_gb=2.5, ram_buffer_slots=None))
+    assert config.n_slots == (2 << 30) // (480 * 128 * 2) == 17476
+    assert "ram_buffer_gb 2.5 counts as 2: the C++ services read it as a whole number of GiB" in caplog.text
 
 
 def test_channel_names_and_unknown_keys_kept() -> None:

@@ -104,6 +104,14 @@ class DetectorConfig(BaseModel):
     compression_stages: dict[Literal["blosc2", "h5bitshuffle_lz4"], CompressionStageConfig] = Field(
         default_factory=dict)
 
+    @field_validator("ram_buffer_gb")
+    @classmethod
+    def _whole_gib(cls, value: float) -> float:
+        if value != int(value):
+            log.warning("ram_buffer_gb %s counts as %d: the C++ services read it as a whole number of GiB, and "
+                        "every service of a channel must find the same slots", value, int(value))
+        return value
+
     @field_validator("compression_stages")
     @classmethod
     def _check_block_size(cls, value: dict[str, CompressionStageConfig], info: ValidationInfo) -> dict:
@@ -168,7 +176,9 @@ class DetectorConfig(BaseModel):
     def n_slots(self) -> int:
         if self.ram_buffer_slots is not None:
             return self.ram_buffer_slots
-        return max(MIN_SLOTS, int(self.ram_buffer_gb * GIB) // self.image_n_bytes)
+        # whole GiB: the C++ services read ram_buffer_gb as an integer (2.5 is 2), and every service
+        # of a channel must find the same slots, or each reads the others' images at wrong offsets
+        return max(MIN_SLOTS, int(self.ram_buffer_gb) * GIB // self.image_n_bytes)
 
     @property
     def buffer_n_bytes(self) -> int:
