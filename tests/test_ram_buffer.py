@@ -180,11 +180,13 @@ def test_second_writer_is_refused() -> None:
 
 
 def test_unguarded_buffer_from_a_cpp_writer_is_readable() -> None:
-    """A C++ writer creates only the main object: readers work, without overwrite detection."""
+    """A C++ writer creates only the main object, exactly n_slots * slot bytes (upstream's
+    ram_buffer.cpp; ours round up to 2 MiB, which was all attach took): readers work, without
+    overwrite detection."""
     name = unique_name() + "-image"
     layout = BufferLayout(name, slot_n_bytes=8, n_slots=2)
     with open(f"/dev/shm/{name}", "wb") as f:
-        f.truncate(layout.n_bytes)
+        f.truncate(layout.n_slots * layout.slot_n_bytes)
         f.seek(8)
         f.write(b"ABCDEFGH")
     try:

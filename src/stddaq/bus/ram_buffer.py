@@ -122,8 +122,10 @@ def _abandoned(name: str) -> bool:
     return True
 
 
-def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> tuple[mmap.mmap, int]:
-    """The mapping and the object's inode (a re-created object has another one)."""
+def _open_shm(name: str, n_bytes: int, create: bool, writable: bool,
+              also: int | None = None) -> tuple[mmap.mmap, int]:
+    """The mapping and the object's inode (a re-created object has another one). An existing
+    object may also be ``also`` bytes long (and is mapped at its size)."""
     flags = (os.O_CREAT | os.O_EXCL | os.O_RDWR) if create else (os.O_RDWR if writable else os.O_RDONLY)
     fd = _posixshmem.shm_open("/" + name, flags, mode=0o660)
     try:
@@ -134,7 +136,9 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool) -> tuple[mm
             actual = info.st_size
             if actual == 0:  # claimed by its writer, not sized yet (see RamBuffer.create)
                 raise FileNotFoundError(name)
-            if actual != n_bytes:
+            if actual == also:
+                n_bytes = also
+            elif actual != n_bytes:
                 raise BufferLayoutError(
                     f"shared memory /dev/shm/{name} has {actual} bytes but this config implies {n_bytes} "
                     f"(check image size, bit_depth, ram_buffer_gb/ram_buffer_slots against the service that created it)"
@@ -233,8 +237,9 @@ class RamBuffer:
         again), never an old mapping under a new guard. (The writer makes the new guard only
         after unlinking the old slots, so slots still linked mean the guard is theirs.)
         """
-        try:
-            data, inode = _open_shm(layout.name, layout.n_bytes, create=False, writable=False)
+        try:  # a C++ writer makes it exactly n_slots * slot_n_bytes long (ours round up to 2 MiB)
+            data, inode = _open_shm(layout.name, layout.n_bytes, create=False, writable=False,
+                                    also=layout.n_slots * layout.slot_n_bytes)
         except FileNotFoundError:
             raise BufferMissingError(
                 f"shared memory /dev/shm/{layout.name} does not exist: start {created_by} first"
