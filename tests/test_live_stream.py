@@ -457,6 +457,47 @@ def test_cli_waits_for_the_source_then_streams(make_config, service) -> None:
     assert not os.path.exists(f"/dev/shm/{config.channel('image')}")
 
 
+def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, service) -> None:
+    """Behind a std_delay_filter (upstream: -sm delay -si image) the metadata comes from
+    <det>-delay and the pixels from the <det>-image ring. -sm and -si were one option, so one
+    of the two was ignored: the filter bypassed, or a ring /dev/shm/<det>-delay waited for."""
+    from stddaq.bus.sockets import bind, unlink_ipc
+
+    config, path = make_config()
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = zmq.Context()
+    delay = ctx.socket(zmq.XPUB)  # the filter: forwards the metadata of the images it keeps
+    bind(delay, config.ipc_address("delay"), "the delay filter")
+    try:
+        with ImagePublisher(config) as images:
+            live = service(LIVE, path, address, "-sm", "delay", "-si", "image", "-f")
+            assert delay.poll(20_000)  # the live stream subscribed to the filter
+            delay.recv()
+
+            def publish(frame: int, keep: bool) -> None:
+                metadata = image_metadata(config, frame)
+                message = images.write_image(metadata, ramp(frame, config.shape, config.dtype))
+                images.send(message)  # on <det>-image, as the receiver does: not what the stream reads
+                if keep:
+                    delay.send(message)
+
+            with LiveStreamClient(address, timeout=2) as client:
+                probe = iter(range(1000, 2000))
+                assert wait_until(lambda: (publish(next(probe), True), client.receive(0.2))[1] is not None,
+                                  timeout=20)
+                for frame in range(10):
+                    publish(frame, keep=frame % 2 == 0)
+                got = [(image_id(header), pixels) for header, pixels in iter(lambda: client.receive(2), None)]
+            assert live.stop() == 0
+    finally:
+        delay.close(0)
+        ctx.term()
+        unlink_ipc(config.ipc_address("delay"))
+    got = [(i, pixels) for i, pixels in got if i < 1000]
+    assert [i for i, _ in got] == [0, 2, 4, 6, 8]
+    assert all(np.array_equal(pixels, ramp(i, config.shape, config.dtype)) for i, pixels in got)
+
+
 @pytest.mark.parametrize("args,message", [
     (["-p", "3"], "-p/--periodic '3' is not Y:N"),
     (["-b", "0:5"], "must both be > 0"),

@@ -78,11 +78,14 @@ class ImageSubscriber:
     """Connects SUB to ``ipc:///tmp/<channel>`` at once; maps the buffer when it exists."""
 
     def __init__(self, config: DetectorConfig, suffix: str = "image", *, ctx: zmq.Context | None = None,
-                 created_by: str | None = None, stats: Stats | None = None) -> None:
+                 created_by: str | None = None, stats: Stats | None = None,
+                 metadata_suffix: str | None = None) -> None:
+        """``metadata_suffix``: take the metadata from another channel than the ring's (upstream's
+        -sm: a std_delay_filter republishes some images' metadata of ``<det>-image``)."""
         self.config = config
         self.suffix = suffix
         self.layout = BufferLayout.of(config, suffix)
-        self.address = config.ipc_address(suffix)
+        self.address = config.ipc_address(metadata_suffix or suffix)
         self.created_by = created_by or ("the simulator or a receiver (std_sim, std_array10_recv)"
                                          if suffix == "image" else f"the service that writes {suffix!r}")
         self._ctx = ctx

@@ -149,17 +149,21 @@ class LiveStream(Service):
     name = "std_live_stream"
 
     def __init__(self, config: DetectorConfig, address: str, *, mode: Mode = Mode(), stream_type: str = "array-1.0",
-                 source_suffix: str = "image", hwm: int | None = None, **kw) -> None:
+                 source_suffix: str = "image", metadata_suffix: str | None = None, hwm: int | None = None,
+                 **kw) -> None:
         super().__init__(config, **kw)
         if stream_type not in FORMATS:
             raise UsageError(f"-t/--type {stream_type!r} is not allowed (allowed: {', '.join(FORMATS)})")
         if not address.startswith("tcp://"):
             raise UsageError(f"stream address {address!r} is not allowed: use tcp://HOST:PORT (e.g. tcp://*:9100)")
-        config.channel(source_suffix)  # validates the suffix before anything is created
+        config.channel(source_suffix)  # validates the suffixes before anything is created
+        if metadata_suffix is not None:
+            config.channel(metadata_suffix)
         self.address = address
         self.mode = mode
         self.stream_type = stream_type
         self.source_suffix = source_suffix
+        self.metadata_suffix = metadata_suffix
         self.hwm = hwm or default_hwm(config.image_n_bytes)
         self.selector = Selector(mode, self.clock)
         self.subscriber: ImageSubscriber | None = None
@@ -180,7 +184,8 @@ class LiveStream(Service):
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)
         self.socket = sock
         self.endpoints = {"stream": bind(sock, self.address, "the live stream")}
-        self.subscriber = ImageSubscriber(self.config, self.source_suffix, ctx=self.ctx, stats=self.counters).connect()
+        self.subscriber = ImageSubscriber(self.config, self.source_suffix, ctx=self.ctx, stats=self.counters,
+                                          metadata_suffix=self.metadata_suffix).connect()
         self.endpoints["source"] = self.subscriber.address
         log.info("live stream %s of %s (%s, %s) on %s", self.stream_type, self.subscriber.layout.name, self.mode,
                  f"queue {self.hwm} images per subscriber", self.endpoints["stream"])
@@ -352,9 +357,11 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Stream images of a bus channel to ZeroMQ subscribers (array-1.0 or bsread).")
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("stream_address", help="address to bind the output stream, e.g. tcp://*:9100")
-    parser.add_argument("-s", "--source_suffix", "-si", "--source_suffix_image", "-sm", "--source_suffix_meta",
-                        dest="source_suffix", default="image",
-                        help="channel suffix of the source (default: image); -si/-sm are the newer upstream names")
+    parser.add_argument("-s", "--source_suffix", "-si", "--source_suffix_image", dest="source_suffix",
+                        default="image", help="channel suffix of the source's ring buffer (default: image)")
+    parser.add_argument("-sm", "--source_suffix_meta", dest="metadata_suffix", default=None,
+                        help="channel suffix of the source's metadata, when another than the ring's (upstream: "
+                             "behind a std_delay_filter, -sm delay -si image); default: the same")
     parser.add_argument("-t", "--type", default="array-1.0", help="array-1.0 (default) or bsread")
     parser.add_argument("-f", "--forward", action="store_true", help="forward every image")
     parser.add_argument("-p", "--periodic", metavar="Y:N", help="N times a second send the next Y images")
@@ -367,7 +374,7 @@ def build_parser() -> ArgumentParser:
 def build(config: DetectorConfig, args) -> LiveStream:
     mode = mode_for(config, args.stream_address, forward=args.forward, periodic=args.periodic, batch=args.batch)
     return LiveStream(config, args.stream_address, mode=mode, stream_type=args.type,
-                      source_suffix=args.source_suffix, hwm=args.hwm)
+                      source_suffix=args.source_suffix, metadata_suffix=args.metadata_suffix, hwm=args.hwm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
