@@ -147,6 +147,12 @@ class ImagePublisher:
         while self.socket is not None and self.subscriber_count() > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def close_for_readers(self) -> None:
+        """The close of a producer that stops while its readers go on (a stage, a receiver): what
+        is queued for a reader slow for a moment still reaches it (CLOSE_LINGER)."""
+        self.hold_for_readers(CLOSE_LINGER)
+        self.close(linger=CLOSE_LINGER)
+
     def close(self, linger: float = 0.0) -> None:
         """Flush queued metadata for up to ``linger`` seconds, then release socket and shm."""
         if self.socket is not None:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stddaq.bus.publisher import CLOSE_LINGER, ImagePublisher
+from stddaq.bus.publisher import ImagePublisher
 from stddaq.bus.ram_buffer import RamBuffer
 from stddaq.bus.subscriber import Image, ImageSubscriber
 from stddaq.config import STAGE_SUFFIXES, DetectorConfig
@@ -236,8 +236,7 @@ class Compressor(Service):
                 self.subscriber.close()
                 self.subscriber = None
             if self.publisher is not None:
-                self.publisher.hold_for_readers(CLOSE_LINGER)  # what is queued still reaches a slow reader
-                self.publisher.close(linger=CLOSE_LINGER)
+                self.publisher.close_for_readers()
                 self.publisher = None
 
     # ------------------------------------------------------------------ the loop

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import zmq
 
-from stddaq.bus.publisher import CLOSE_LINGER, ImagePublisher, image_metadata
+from stddaq.bus.publisher import ImagePublisher, image_metadata
 from stddaq.config import DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats import FormatError, array10, bsread
@@ -211,8 +211,7 @@ class StreamReceiver(Service):
                 sock.close(0)
             self.sockets.clear()
             if self.publisher is not None:
-                self.publisher.hold_for_readers(CLOSE_LINGER)  # what is queued still reaches a slow reader
-                self.publisher.close(linger=CLOSE_LINGER)
+                self.publisher.close_for_readers()
                 self.publisher = None
 
     def _step(self) -> bool:
