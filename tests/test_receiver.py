@@ -17,7 +17,7 @@ from stddaq.formats import array10, bsread
 from stddaq.formats.compression import bitshuffle_lz4_encode
 from stddaq.patterns import ramp
 from stddaq.services.live_stream import LiveStream
-from stddaq.services.receiver import InOrder, StreamReceiver
+from stddaq.services.receiver import InOrder, StreamReceiver, _Head
 
 SIM = "stddaq.services.simulator"
 
@@ -179,8 +179,6 @@ def test_pull_connections_publish_in_id_order(make_config) -> None:
 def test_messages_taken_in_are_published_at_close(make_config) -> None:
     """At stop, the connections' decoded messages not written yet and the held messages go out,
     in id order: they were taken in from the network."""
-    from stddaq.services.receiver import _Head
-
     config, _ = make_config(image_pixel_height=8, image_pixel_width=12)
     ctx = zmq.Context()
     receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=2, ctx=ctx).start()
@@ -230,10 +228,46 @@ def test_in_order_lets_nothing_be_overwritten_or_passed() -> None:
     assert _released(order, [0]) == [] and order.drain() == [0]
     assert _released(order, [2, 4]) == []  # 1 missing
     assert _released(order, [12]) == [2]  # 12 takes 2's slot: 2 goes first; 12 and 4 wait for 3
-    assert _released(order, [4]) == [4, 4]  # 4 again: the held 4 goes before it is written over; then 4 (behind)
-    assert order.drain() == [12]
+    # 4 again (a sender that began again): the held 4 is given up, not published, since its slot
+    # gets the new 4's pixels under the same id (a reader would take them for the old 4's)
+    assert _released(order, [4]) == [] and order.lost == [4]
+    assert order.drain() == [4, 12]
     assert _released(order, [13, 15, 14]) == [13, 14, 15]
     assert _released(order, [25, 0, 1]) == [25, 0, 1]  # ids went back: the old run's 25 first
+
+
+def test_an_old_run_image_held_for_its_order_is_given_up_when_the_new_run_reaches_its_id() -> None:
+    """A sender began its ids again while a -n 4 receiver was behind: the merge wrote the new
+    run's low ids first, and the old run's 197 waited (held) for them; the new 197 then took its
+    slot, and the old 197's metadata went out just before: readers got the new pixels under the
+    old image's metadata, the guard saying intact (same id)."""
+    order = InOrder(window=4, n_slots=1000)
+    new_run = [i for i in range(197) if i != 196]  # 196 never came: the old 197 is not next
+    released = _released(order, [197]) + _released(order, new_run)
+    assert 197 not in released and released == new_run
+    assert _released(order, [197]) == [] and order.lost == [197]
+    assert order.drain() == [197]  # the new run's 197
+
+
+def test_the_merge_writes_the_old_runs_last_images_before_the_new_runs(make_config) -> None:
+    """The merge wrote the lowest waiting id first: the new run's 0, 1, 2 before the old run's
+    197, which was queued first; 197 then waited for its order behind them."""
+    config, _ = make_config(ram_buffer_slots=1000)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=4, ctx=ctx).start()
+    written = []
+    try:
+        receiver._write = lambda image_id, pixels, extra: written.append(image_id)
+        receiver._refill = lambda heads: None  # the heads below are all there is
+        receiver._last_written = 196
+        receiver._received = 4
+        receiver._heads = [_Head(image_id, None, {}, [], seq) for seq, image_id in enumerate([197, 0, 1, 2], 1)]
+        receiver._step()
+    finally:
+        receiver._heads = [None] * 4
+        receiver.close()
+        ctx.term()
+    assert written == [197, 0, 1, 2]
 
 
 def test_ids_that_step_are_released_within_the_window_never_at_their_slot(make_config) -> None:

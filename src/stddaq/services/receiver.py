@@ -11,7 +11,9 @@ order, and they arrive interleaved. Read one socket empty after the other, 3000 
 with 6 to 700 "ids went back" and 3,000 to 170,000 false ``gaps`` at every reader; read in turn,
 one each, still 31 and 1209 when one connection's queue had fallen behind. So the connections
 are merged: each has its next message decoded and waiting, and the lowest id of those is
-written next (one waiting longer than the window is written anyway: ids that went back). A
+written next (one waiting longer than the window is written anyway: ids that went back), of
+those going on from the last id written while there are any: when the sender began its ids
+again, the old run's last images, queued first, go before the new run's low ids. A
 connection with nothing waiting cannot say its next id is not lower, so the metadata messages
 also pass through ``InOrder``: the pixels go into their slot at once, the message waits until
 the images before it are published, for at most ``REORDER_PER_CONNECTION`` messages per
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("array-1.0", "bsread")
 SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
-RECEIVER_COUNTERS = ("invalid", "mismatch")
+RECEIVER_COUNTERS = ("invalid", "mismatch", "lost")
 
 
 def decode_message(stream_type: str, parts: list) -> tuple[int, np.ndarray, dict]:
@@ -93,7 +95,12 @@ class InOrder:
     when ids went back (a new run, or a straggler after its turn was given up). ``add(image_id,
     message)`` holds the message and gives those now in order: the next id, or the lowest while
     more than ``window`` are held (an id that does not come is skipped). ``drain()`` gives all.
-    A window of 0 holds nothing."""
+    A window of 0 holds nothing.
+
+    A held image of the *same* id as the one about to be written (a sender that began its ids
+    again) is not given: its slot gets the new pixels, under the same id, so the overwrite guard
+    could not tell a reader, which would take them under the old image's metadata. Its id goes
+    to ``lost`` instead (the receiver counts it)."""
 
     def __init__(self, window: int, n_slots: int) -> None:
         self.window = window
@@ -102,6 +109,7 @@ class InOrder:
         self._messages: dict[int, bytes] = {}
         self._slots: dict[int, int] = {}  # slot -> held id
         self._next: int | None = None  # the id that may go next without waiting
+        self.lost: list[int] = []  # held ids given up (see the class docstring), for the receiver to count
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -110,12 +118,16 @@ class InOrder:
         if not self._ids:
             return []
         if self._next is not None and image_id < self._next:
-            return self.drain()
-        held = self._slots.get(image_id % self.n_slots)
-        if held is None:
-            return []
+            last = self._ids and max(self._ids)
+        else:
+            last = self._slots.get(image_id % self.n_slots)
+            if last is None:
+                return []
+        if image_id in self._messages:  # the same id again: its slot is rewritten now
+            self.lost.append(image_id)
+            self._remove(image_id)
         out = []
-        while self._ids and self._ids[0] <= held:
+        while self._ids and self._ids[0] <= last:
             out.append(self._pop())
         return out
 
@@ -139,6 +151,12 @@ class InOrder:
         del self._slots[image_id % self.n_slots]
         self._next = image_id + 1
         return self._messages.pop(image_id)
+
+    def _remove(self, image_id: int) -> None:
+        self._ids.remove(image_id)
+        heapq.heapify(self._ids)
+        del self._slots[image_id % self.n_slots]
+        del self._messages[image_id]
 
 
 class StreamReceiver(Service):
@@ -168,6 +186,7 @@ class StreamReceiver(Service):
         self.sockets: list[zmq.Socket] = []
         self._heads: list[_Head | None] = []  # per connection: its next message, not written yet (see _step)
         self._received = 0  # messages decoded so far: a head's age
+        self._last_written = -1  # the id the merge wrote last
         self.publisher: ImagePublisher | None = None
         window = min(REORDER_PER_CONNECTION * self.n_connections, config.n_slots // 4) if self.n_connections > 1 else 0
         self.in_order = InOrder(window, config.n_slots)
@@ -230,11 +249,15 @@ class StreamReceiver(Service):
                     continue
                 self._send(in_order.drain())
                 return True
-            first = min(waiting, key=lambda index: heads[index].image_id)
+            # the lowest id that goes on from the last one written: when the sender began its ids
+            # again, the old run's last images (higher ids, queued first) go before the new run's
+            going_on = [index for index in waiting if heads[index].image_id > self._last_written] or waiting
+            first = min(going_on, key=lambda index: heads[index].image_id)
             oldest = min(waiting, key=lambda index: heads[index].seq)
             if self._received - heads[oldest].seq > in_order.window:  # passed over too often (ids went back)
                 first = oldest
             head, heads[first] = heads[first], None
+            self._last_written = head.image_id
             self._write(head.image_id, head.pixels, head.extra)
             if self.clock() >= deadline:
                 return True
@@ -297,6 +320,10 @@ class StreamReceiver(Service):
             return False
         in_order = self.in_order
         self._send(in_order.before(image_id))
+        for lost in in_order.lost:
+            self._reject("lost", f"image {lost} of the sender's run before was held back for its order, and its slot "
+                                 f"is taken by the new run's image {lost} (the sender began its ids again)")
+        in_order.lost.clear()
         self._send(in_order.add(image_id, self.publisher.write_image(metadata, pixels)))
         self.counters.processed(pixels.nbytes)
         return True
