@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -13,7 +14,7 @@ import zmq
 from conftest import wait_until
 
 from stddaq.bus import ImageSubscriber
-from stddaq.formats import array10, bsread
+from stddaq.formats import FormatError, array10, bsread
 from stddaq.formats.compression import bitshuffle_lz4_encode
 from stddaq.patterns import ramp
 from stddaq.services.live_stream import LiveStream
@@ -405,3 +406,43 @@ def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config) -> Non
         [(1000, 2**40, 7, 5, 6)] * 2
     assert [g.store_image for g in gf] == [True, False]
     assert images[2].image_id == 3 and images[2].metadata.WhichOneof("image_metadata") is None
+
+
+def _huge_bsread_claim(config) -> list:
+    """A few hundred bytes whose data header claims a 131072x131072 uint32 image."""
+    parts = bsread.BsreadEncoder((16, 16), np.dtype("uint32")).parts(
+        5, "X", 1, 2, bitshuffle_lz4_encode(np.zeros((16, 16), np.uint32)))
+    data_header = bytes(parts[1]).replace(b"[16,16]", b"[131072,131072]")
+    main = json.loads(parts[0])
+    main["hash"] = hashlib.md5(data_header).hexdigest()
+    blob = bytearray(bytes(memoryview(parts[2])))
+    blob[:8] = (131072 * 131072 * 4).to_bytes(8, "big")
+    return [json.dumps(main).encode(), data_header, bytes(blob), bytes(memoryview(parts[3]))]
+
+
+@pytest.mark.parametrize("stream_type,bad,message", [
+    ("array-1.0", lambda config: [b"[" * 100_000, b""], "array-1.0 header is JSON nested too deeply"),
+    ("bsread", lambda config: [b"[" * 100_000, b"", b"", b""], "bsread main header is JSON nested too deeply"),
+    ("bsread", _huge_bsread_claim, "is [131072, 131072] uint32, more than the 512 bytes of an image here"),
+])
+def test_a_hostile_message_costs_only_itself(make_config, stream_type, bad, message) -> None:
+    """A header of 100000 '[' (RecursionError) ended either receiver, the stream client and
+    `stddaq watch`; a bsread message claiming a huge image was decompressed before its shape was
+    checked (OverflowError here, MemoryError on a smaller host) and ended std_bsread_recv."""
+    from stddaq.client.stream import decode as client_decode
+
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=16)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type=stream_type, n_connections=1, ctx=ctx).start()
+    try:
+        assert receiver.handle(bad(config)) is False
+        assert receiver.stats()["invalid"] == 1 and message in receiver.last_error, receiver.last_error
+        good = (array10.encode(3, np.zeros(config.shape, config.dtype)) if stream_type == "array-1.0" else
+                bsread.BsreadEncoder(config.shape, config.dtype).parts(
+                    3, "X", 1, 2, bitshuffle_lz4_encode(np.zeros(config.shape, config.dtype))))
+        assert receiver.handle(good)  # the next one goes in
+    finally:
+        receiver.close()
+        ctx.term()
+    with pytest.raises(FormatError):  # the stream client: one message refused, not a RecursionError out of it
+        client_decode(bad(config))

@@ -40,7 +40,7 @@ def decode(parts: list) -> tuple[dict, np.ndarray]:
         raise FormatError("empty message")
     try:
         htype = json.loads(bytes(parts[0])).get("htype")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise FormatError("first message part is not a JSON header object") from None
     if htype == array10.HTYPE:
         return array10.decode(parts)
@@ -87,7 +87,7 @@ class LiveStreamClient:
             parts = sock.recv_multipart(copy=False)
             try:
                 header, pixels = decode([p.buffer for p in parts])
-            except (ValueError, TypeError, KeyError) as exc:  # FormatError, or what the format checks missed
+            except Exception as exc:  # noqa: BLE001 - FormatError, or what the format checks missed: one message
                 self.stats["invalid"] += 1
                 self.last_error = str(exc) if isinstance(exc, FormatError) else f"{type(exc).__name__}: {exc}"
                 continue

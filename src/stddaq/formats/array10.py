@@ -82,6 +82,8 @@ def _parse(data: bytes | memoryview) -> dict:
         header = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"array-1.0 header is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested beyond Python's limit: it was the end of the service
+        raise FormatError("array-1.0 header is JSON nested too deeply to be a header") from None
     if not isinstance(header, dict):
         raise FormatError(f"array-1.0 header must be a JSON object, got {type(header).__name__}")
     return header

@@ -146,8 +146,10 @@ def decode_data_header(data: bytes | memoryview) -> BsreadChannel:
     return BsreadChannel(name, (shape[1], shape[0]), kind, compression)
 
 
-def decode(parts: list) -> tuple[dict, BsreadChannel, np.ndarray]:
-    """(main header, channel, pixels) of one message; checks the hash and the blob."""
+def decode(parts: list, max_bytes: int | None = None) -> tuple[dict, BsreadChannel, np.ndarray]:
+    """(main header, channel, pixels) of one message; checks the hash and the blob. An image of
+    more than ``max_bytes`` (a receiver's slot) is refused before anything is decompressed: a
+    few hundred bytes claiming 131072x131072 pixels ended the receiver (or its memory)."""
     if len(parts) != 4:
         raise FormatError(f"bsread message has {len(parts)} parts, expected 4 (main header, data header, data, "
                           "timestamp)")
@@ -157,6 +159,9 @@ def decode(parts: list) -> tuple[dict, BsreadChannel, np.ndarray]:
     if main["hash"] != digest:
         raise FormatError(f"bsread main header field 'hash' is {main['hash']!r} but the data header's md5 is {digest!r}")
     channel = decode_data_header(data_header)
+    if max_bytes is not None and channel.shape[0] * channel.shape[1] * channel.dtype.itemsize > max_bytes:
+        raise FormatError(f"bsread channel {channel.name!r} of pulse {main['pulse_id']} is {list(channel.shape)} "
+                          f"{channel.type}, more than the {max_bytes} bytes of an image here")
     blob = memoryview(parts[2])
     if channel.compression == COMPRESSION:
         try:
@@ -180,6 +185,8 @@ def _json(data: bytes | memoryview, what: str) -> dict:
         value = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"bsread {what} is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested beyond Python's limit: it was the end of the service
+        raise FormatError(f"bsread {what} is JSON nested too deeply to be a header") from None
     if not isinstance(value, dict):
         raise FormatError(f"bsread {what} must be a JSON object, got {type(value).__name__}")
     return value

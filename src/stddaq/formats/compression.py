@@ -105,7 +105,7 @@ def bitshuffle_lz4_decode(blob: np.ndarray | bytes | memoryview, dtype: np.dtype
     _check_blocks(body, expected // dtype.itemsize, block, dtype.itemsize)
     try:
         return bitshuffle.decompress_lz4(body, tuple(shape), dtype, block)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OverflowError, MemoryError) as exc:  # a huge claimed size, too
         raise CodecError(f"bitshuffle-lz4 blob does not decode to {shape} {dtype}: {exc}") from None
 
 

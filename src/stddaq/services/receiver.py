@@ -49,13 +49,14 @@ SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
 RECEIVER_COUNTERS = ("invalid", "mismatch", "lost")
 
 
-def decode_message(stream_type: str, parts: list) -> tuple[int, np.ndarray, dict]:
-    """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``."""
+def decode_message(stream_type: str, parts: list, max_bytes: int | None = None) -> tuple[int, np.ndarray, dict]:
+    """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``
+    (or, bsread, claims an image of more than ``max_bytes``: refused before it is decompressed)."""
     if stream_type == "array-1.0":
         header, pixels = array10.decode(parts)
         gf = array10.gigafrost_fields(header)  # a GigaFRoST's own fields, for the services after (delay filter)
         return header["frame"], pixels, {"gf": gf} if gf else {}
-    main, channel, pixels = bsread.decode(parts)
+    main, channel, pixels = bsread.decode(parts, max_bytes)
     stamp = main.get("global_timestamp") or {}
     return main["pulse_id"], pixels, {"name": channel.name, "sec": stamp.get("sec", 0), "ns": stamp.get("ns", 0)}
 
@@ -291,11 +292,11 @@ class StreamReceiver(Service):
     def _decode(self, parts: list) -> tuple[int, np.ndarray, dict] | None:
         """(image id, pixels, extra) of a usable message; None (counted, logged) otherwise."""
         try:
-            image_id, pixels, extra = decode_message(self.stream_type, parts)
+            image_id, pixels, extra = decode_message(self.stream_type, parts, self.config.image_n_bytes)
         except FormatError as exc:
             self._reject("invalid", str(exc))
             return None
-        except (ValueError, TypeError, KeyError) as exc:  # what the format checks missed: still one bad message
+        except Exception as exc:  # noqa: BLE001 - what the format checks missed: still one bad message
             self._reject("invalid", f"undecodable {self.stream_type} message: {type(exc).__name__}: {exc}")
             return None
         problem = check_against_config(self.config, image_id, pixels)
