@@ -76,6 +76,8 @@ DEFAULT_PULL_CONNECTIONS = 4
 REORDER_PER_CONNECTION = 4
 #: seconds the connections must all stay empty before the held messages go (module docstring)
 IDLE_GRACE = 0.002
+#: at stop, seconds spent writing what the connections' queues still hold (it reached us)
+CLOSE_DRAIN = 2.0
 
 
 class _Head(NamedTuple):
@@ -221,10 +223,14 @@ class StreamReceiver(Service):
 
     def _close(self) -> None:
         try:
-            if self.publisher is not None:  # what was taken in goes out: the waiting heads, then the held messages
-                for head in sorted((head for head in self._heads if head is not None), key=lambda head: head.image_id):
-                    self._write(head.image_id, head.pixels, head.extra)
-                self._heads = [None] * len(self._heads)
+            if self.publisher is not None:
+                # what was taken in goes out: what the connections' queues hold (it reached this
+                # process: up to CLOSE_DRAIN s of it), merged as ever, then the held messages
+                deadline = self.clock() + CLOSE_DRAIN
+                while self.clock() < deadline:
+                    self._refill(self._heads)
+                    if not self._write_next(self._heads):
+                        break
                 self._send(self.in_order.drain())
         finally:
             for sock in self.sockets:
@@ -244,24 +250,30 @@ class StreamReceiver(Service):
             return True
         while True:
             self._refill(heads)
-            waiting = [index for index, head in enumerate(heads) if head is not None]
-            if not waiting:
+            if not self._write_next(heads):
                 if in_order and poller.poll(IDLE_GRACE * 1000):
                     continue
                 self._send(in_order.drain())
                 return True
-            # the lowest id that goes on from the last one written: when the sender began its ids
-            # again, the old run's last images (higher ids, queued first) go before the new run's
-            going_on = [index for index in waiting if heads[index].image_id > self._last_written] or waiting
-            first = min(going_on, key=lambda index: heads[index].image_id)
-            oldest = min(waiting, key=lambda index: heads[index].seq)
-            if self._received - heads[oldest].seq > in_order.window:  # passed over too often (ids went back)
-                first = oldest
-            head, heads[first] = heads[first], None
-            self._last_written = head.image_id
-            self._write(head.image_id, head.pixels, head.extra)
             if self.clock() >= deadline:
                 return True
+
+    def _write_next(self, heads: list) -> bool:
+        """Write the waiting message that goes next (module docstring); False if none waits."""
+        waiting = [index for index, head in enumerate(heads) if head is not None]
+        if not waiting:
+            return False
+        # the lowest id that goes on from the last one written: when the sender began its ids
+        # again, the old run's last images (higher ids, queued first) go before the new run's
+        going_on = [index for index in waiting if heads[index].image_id > self._last_written] or waiting
+        first = min(going_on, key=lambda index: heads[index].image_id)
+        oldest = min(waiting, key=lambda index: heads[index].seq)
+        if self._received - heads[oldest].seq > self.in_order.window:  # passed over too often (ids went back)
+            first = oldest
+        head, heads[first] = heads[first], None
+        self._last_written = head.image_id
+        self._write(head.image_id, head.pixels, head.extra)
+        return True
 
     def _refill(self, heads: list) -> None:
         """Give each connection without a waiting message its next usable one, decoded (or None)."""
