@@ -237,38 +237,27 @@ def test_in_order_lets_nothing_be_overwritten_or_passed() -> None:
     assert _released(order, [25, 0, 1]) == [25, 0, 1]  # ids went back: the old run's 25 first
 
 
-def test_an_old_run_image_held_for_its_order_is_given_up_when_the_new_run_reaches_its_id() -> None:
+def test_an_old_run_image_held_for_its_order_goes_before_the_new_run_reaches_its_id() -> None:
     """A sender began its ids again while a -n 4 receiver was behind: the merge wrote the new
-    run's low ids first, and the old run's 197 waited (held) for them; the new 197 then took its
-    slot, and the old 197's metadata went out just before: readers got the new pixels under the
-    old image's metadata, the guard saying intact (same id)."""
+    run's low ids first, and the old run's 197 waited (held) for its order behind them until the
+    new run reached 196; the new 197 then took its slot just after the old 197's metadata went
+    out: readers got the new pixels under the old image's metadata, the guard saying intact (same
+    id). Nothing is held for more than a window of images now; one still held when its id comes
+    again is given up (counted lost), never published."""
+    def merged(order: InOrder, new_run: list[int]) -> list[int]:
+        """The old run up to 196 published, then as the merge wrote them: new 0, old 197, new 1..."""
+        assert _released(order, list(range(197))) + order.drain() == list(range(197))
+        return _released(order, [0, 197, *new_run])
+
     order = InOrder(window=4, n_slots=1000)
-    new_run = [i for i in range(197) if i != 196]  # 196 never came: the old 197 is not next
-    released = _released(order, [197]) + _released(order, new_run)
-    assert 197 not in released and released == new_run
-    assert _released(order, [197]) == [] and order.lost == [197]
-    assert order.drain() == [197]  # the new run's 197
-
-
-def test_the_merge_writes_the_old_runs_last_images_before_the_new_runs(make_config) -> None:
-    """The merge wrote the lowest waiting id first: the new run's 0, 1, 2 before the old run's
-    197, which was queued first; 197 then waited for its order behind them."""
-    config, _ = make_config(ram_buffer_slots=1000)
-    ctx = zmq.Context()
-    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=4, ctx=ctx).start()
-    written = []
-    try:
-        receiver._write = lambda image_id, pixels, extra: written.append(image_id)
-        receiver._refill = lambda heads: None  # the heads below are all there is
-        receiver._last_written = 196
-        receiver._received = 4
-        receiver._heads = [_Head(image_id, None, {}, [], seq) for seq, image_id in enumerate([197, 0, 1, 2], 1)]
-        receiver._step()
-    finally:
-        receiver._heads = [None] * 4
-        receiver.close()
-        ctx.term()
-    assert written == [197, 0, 1, 2]
+    released = merged(order, list(range(1, 197)))
+    assert released.index(197) <= 1 + 2 * 4 and sorted(released) == [*range(197), 197]  # early, out of order
+    assert _released(order, [197]) == [197] and order.lost == []  # the new 197, nothing lost
+    wide = InOrder(window=300, n_slots=1000)  # 197 still held when the new run reaches its id
+    new_run = [i for i in range(1, 197) if i != 196]
+    assert merged(wide, new_run) == [0, *new_run]
+    assert _released(wide, [197]) == [] and wide.lost == [197]
+    assert wide.drain() == [197]  # the new run's 197
 
 
 def test_ids_that_step_are_released_within_the_window_never_at_their_slot(make_config) -> None:

@@ -11,9 +11,7 @@ order, and they arrive interleaved. Read one socket empty after the other, 3000 
 with 6 to 700 "ids went back" and 3,000 to 170,000 false ``gaps`` at every reader; read in turn,
 one each, still 31 and 1209 when one connection's queue had fallen behind. So the connections
 are merged: each has its next message decoded and waiting, and the lowest id of those is
-written next (one waiting longer than the window is written anyway: ids that went back), of
-those going on from the last id written while there are any: when the sender began its ids
-again, the old run's last images, queued first, go before the new run's low ids. A
+written next (one waiting longer than the window is written anyway: ids that went back). A
 connection with nothing waiting cannot say its next id is not lower, so the metadata messages
 also pass through ``InOrder``: the pixels go into their slot at once, the message waits until
 the images before it are published, for at most ``REORDER_PER_CONNECTION`` messages per
@@ -29,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -76,8 +75,8 @@ DEFAULT_PULL_CONNECTIONS = 4
 REORDER_PER_CONNECTION = 4
 #: seconds the connections must all stay empty before the held messages go (module docstring)
 IDLE_GRACE = 0.002
-#: at stop, seconds spent writing what the connections' queues still hold (it reached us)
-CLOSE_DRAIN = 2.0
+#: at stop, seconds spent at most writing what the connections' queues still hold (it reached us)
+CLOSE_DRAIN = 0.5
 
 
 class _Head(NamedTuple):
@@ -100,10 +99,13 @@ class InOrder:
     more than ``window`` are held (an id that does not come is skipped). ``drain()`` gives all.
     A window of 0 holds nothing.
 
-    A held image of the *same* id as the one about to be written (a sender that began its ids
-    again) is not given: its slot gets the new pixels, under the same id, so the overwrite guard
-    could not tell a reader, which would take them under the old image's metadata. Its id goes
-    to ``lost`` instead (the receiver counts it)."""
+    Nothing is held for more than ``2 * window`` further images: a message above the ids that keep
+    coming (a sender that began its ids again while its old run's last images were still being
+    merged: they come after the new run's first ones) goes then, out of order, while its slot
+    still holds its pixels; held until the new run reached its id, it went out just before the
+    new image of that id took its slot, and readers got the new pixels under its metadata (the
+    overwrite guard cannot tell: the same id). A held image of the same id as the one about to be
+    written is not given for that reason: its id goes to ``lost`` (the receiver counts it)."""
 
     def __init__(self, window: int, n_slots: int) -> None:
         self.window = window
@@ -113,6 +115,8 @@ class InOrder:
         self._slots: dict[int, int] = {}  # slot -> held id
         self._next: int | None = None  # the id that may go next without waiting
         self.lost: list[int] = []  # held ids given up (see the class docstring), for the receiver to count
+        self._added = 0  # messages added so far
+        self._order: deque[tuple[int, int, bytes]] = deque()  # (id, when added, message) held, oldest first
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -128,7 +132,7 @@ class InOrder:
                 return []
         if image_id in self._messages:  # the same id again: its slot is rewritten now
             self.lost.append(image_id)
-            self._remove(image_id)
+            self._take(image_id)
         out = []
         while self._ids and self._ids[0] <= last:
             out.append(self._pop())
@@ -141,12 +145,20 @@ class InOrder:
         heapq.heappush(self._ids, image_id)
         self._messages[image_id] = message
         self._slots[image_id % self.n_slots] = image_id
+        self._added += 1
+        self._order.append((image_id, self._added, message))
         out = []
         while self._ids and (self._ids[0] == self._next or len(self._ids) > self.window):
             out.append(self._pop())
+        order = self._order
+        while order and (self._messages.get(order[0][0]) is not order[0][2] or self._added - order[0][1] >= 2 * self.window):
+            held, _, kept = order.popleft()
+            if self._messages.get(held) is kept:  # held for two windows of images: it goes, in order or not
+                out.append(self._pop() if held == self._ids[0] else self._take(held))
         return out
 
     def drain(self) -> list[bytes]:
+        self._order.clear()
         return [self._pop() for _ in range(len(self._ids))]
 
     def _pop(self) -> bytes:
@@ -155,11 +167,12 @@ class InOrder:
         self._next = image_id + 1
         return self._messages.pop(image_id)
 
-    def _remove(self, image_id: int) -> None:
+    def _take(self, image_id: int) -> bytes:
+        """A held message out of order (the next id to wait for stays)."""
         self._ids.remove(image_id)
         heapq.heapify(self._ids)
         del self._slots[image_id % self.n_slots]
-        del self._messages[image_id]
+        return self._messages.pop(image_id)
 
 
 class StreamReceiver(Service):
@@ -189,7 +202,6 @@ class StreamReceiver(Service):
         self.sockets: list[zmq.Socket] = []
         self._heads: list[_Head | None] = []  # per connection: its next message, not written yet (see _step)
         self._received = 0  # messages decoded so far: a head's age
-        self._last_written = -1  # the id the merge wrote last
         self.publisher: ImagePublisher | None = None
         window = min(REORDER_PER_CONNECTION * self.n_connections, config.n_slots // 4) if self.n_connections > 1 else 0
         self.in_order = InOrder(window, config.n_slots)
@@ -229,8 +241,10 @@ class StreamReceiver(Service):
                 deadline = self.clock() + CLOSE_DRAIN
                 while self.clock() < deadline:
                     self._refill(self._heads)
-                    if not self._write_next(self._heads):
+                    if not self._write_next(self._heads) and not self._poller.poll(IDLE_GRACE * 1000):
                         break
+                while self._write_next(self._heads):  # a sender still sending: what is decoded goes too
+                    pass
                 self._send(self.in_order.drain())
         finally:
             for sock in self.sockets:
@@ -263,15 +277,11 @@ class StreamReceiver(Service):
         waiting = [index for index, head in enumerate(heads) if head is not None]
         if not waiting:
             return False
-        # the lowest id that goes on from the last one written: when the sender began its ids
-        # again, the old run's last images (higher ids, queued first) go before the new run's
-        going_on = [index for index in waiting if heads[index].image_id > self._last_written] or waiting
-        first = min(going_on, key=lambda index: heads[index].image_id)
+        first = min(waiting, key=lambda index: heads[index].image_id)
         oldest = min(waiting, key=lambda index: heads[index].seq)
         if self._received - heads[oldest].seq > self.in_order.window:  # passed over too often (ids went back)
             first = oldest
         head, heads[first] = heads[first], None
-        self._last_written = head.image_id
         self._write(head.image_id, head.pixels, head.extra)
         return True
 
