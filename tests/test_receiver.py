@@ -363,11 +363,11 @@ def test_a_bad_bsread_timestamp_is_refused_and_named(make_config, detector_type,
         ctx.term()
 
 
-def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config) -> None:
+def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config, caplog) -> None:
     """A GigaFRoST camera's array-1.0 header carries exposure_time, timestamp, scan_id, scan_time,
     sync_time and do_not_store; upstream's receiver puts them into ImageMetadata.gf (a C++
     std_delay_filter forwards only images with store_image). They were dropped."""
-    config, _ = make_config(image_pixel_height=4, image_pixel_width=4)
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=4)  # a gigafrost
     ctx = zmq.Context()
     receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type="array-1.0", n_connections=1, ctx=ctx).start()
     subscriber = ImageSubscriber(config, ctx=ctx).connect(wait=10)
@@ -382,10 +382,11 @@ def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config) -> Non
         assert receiver.handle(message(1, **camera, do_not_store=False))
         assert receiver.handle(message(2, **camera, do_not_store=True))
         assert receiver.handle(message(3))  # a sender without them: none, not the ones before
-        assert not receiver.handle(message(4, scan_id=-1))
-        assert "array-1.0 header field 'scan_id' is -1, expected an integer 0..4294967295" in receiver.last_error
+        # a value a field cannot hold costs that field, not the image; an integral float is taken
+        assert receiver.handle(message(4, scan_id=-1, timestamp=1.5e9))
+        assert "array-1.0 header field 'scan_id' is -1, expected an integer 0..4294967295" in caplog.text
         receiver.close()  # what is held goes out
-        images = [subscriber.receive(timeout=5) for _ in range(3)]
+        images = [subscriber.receive(timeout=5) for _ in range(4)]
     finally:
         subscriber.close()
         receiver.close()
@@ -395,6 +396,23 @@ def test_a_gigafrost_headers_own_fields_go_into_the_metadata(make_config) -> Non
         [(1000, 2**40, 7, 5, 6)] * 2
     assert [g.store_image for g in gf] == [True, False]
     assert images[2].image_id == 3 and images[2].metadata.WhichOneof("image_metadata") is None
+    fourth = images[3].metadata.gf
+    assert (fourth.scan_id, fourth.frame_timestamp, fourth.store_image) == (0, 1_500_000_000, True)
+
+
+def test_other_detectors_headers_keep_their_own_fields(make_config) -> None:
+    """An Eiger's or a PCO's sender with a float "timestamp" in its header had every image
+    refused once GigaFRoST fields were read from any header."""
+    config, _ = make_config(detector_type="eiger", bit_depth=16, image_pixel_height=4, image_pixel_width=4)
+    ctx = zmq.Context()
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", stream_type="array-1.0", n_connections=1, ctx=ctx).start()
+    try:
+        header = {"htype": "array-1.0", "shape": [4, 4], "type": "uint16", "frame": 1, "timestamp": 1701612345.25}
+        assert receiver.handle([json.dumps(header).encode(), bytes(32)])
+        assert not receiver._metadata.HasField("gf")
+    finally:
+        receiver.close()
+        ctx.term()
 
 
 def _huge_bsread_claim(config) -> list:

@@ -124,15 +124,28 @@ GF_HEADER_FIELDS = {"exposure_time": ("exposure_time", (1 << 64) - 1), "timestam
                     "sync_time": ("sync_time", (1 << 32) - 1)}
 
 
-def gigafrost_fields(header: dict) -> dict | None:
-    """The GFImageMetadata fields of a header (None: it has none of them). ``do_not_store``
-    true makes store_image false (images a std_delay_filter then drops); absent, true."""
+def gigafrost_fields(header: dict) -> tuple[dict | None, list[str]]:
+    """The GFImageMetadata fields of a GigaFRoST's header (None: it has none of them), and what
+    was wrong with the others: a value that is no integer in its field's range is left out (the
+    image is still good), named. ``do_not_store`` true makes store_image false (images a
+    std_delay_filter then drops); absent, true."""
     if not any(key in header for key in (*GF_HEADER_FIELDS, "do_not_store")):
-        return None
-    fields = {field: check_integer(header[key], f"array-1.0 header field {key!r}", high)
-              for key, (field, high) in GF_HEADER_FIELDS.items() if key in header}
+        return None, []
+    fields, problems = {}, []
+    for key, (field, high) in GF_HEADER_FIELDS.items():
+        if key not in header:
+            continue
+        value = header[key]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        try:
+            fields[field] = check_integer(value, f"array-1.0 header field {key!r}", high)
+        except FormatError as exc:
+            problems.append(str(exc))
     do_not_store = header.get("do_not_store", False)
-    if not isinstance(do_not_store, bool):
-        raise FormatError(f"array-1.0 header field 'do_not_store' is {do_not_store!r}, expected true or false")
-    fields["store_image"] = not do_not_store
-    return fields
+    if isinstance(do_not_store, bool):
+        fields["store_image"] = not do_not_store
+    else:
+        problems.append(f"array-1.0 header field 'do_not_store' is {do_not_store!r}, expected true or false")
+        fields["store_image"] = True
+    return fields, problems

@@ -48,13 +48,18 @@ SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
 RECEIVER_COUNTERS = ("invalid", "mismatch", "lost")
 
 
-def decode_message(stream_type: str, parts: list, max_bytes: int | None = None) -> tuple[int, np.ndarray, dict]:
+def decode_message(stream_type: str, parts: list, max_bytes: int | None = None,
+                   gigafrost: bool = False) -> tuple[int, np.ndarray, dict]:
     """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``
-    (or, bsread, claims an image of more than ``max_bytes``: refused before it is decompressed)."""
+    (or, bsread, claims an image of more than ``max_bytes``: refused before it is decompressed).
+    ``gigafrost``: a GigaFRoST's own array-1.0 header fields go into extra["gf"] (for the
+    services after it, a std_delay_filter), what was wrong with them into extra["problems"]."""
     if stream_type == "array-1.0":
         header, pixels = array10.decode(parts)
-        gf = array10.gigafrost_fields(header)  # a GigaFRoST's own fields, for the services after (delay filter)
-        return header["frame"], pixels, {"gf": gf} if gf else {}
+        if not gigafrost:
+            return header["frame"], pixels, {}
+        gf, problems = array10.gigafrost_fields(header)
+        return header["frame"], pixels, {"gf": gf, "problems": problems} if gf else {}
     main, channel, pixels = bsread.decode(parts, max_bytes)
     stamp = main.get("global_timestamp") or {}
     return main["pulse_id"], pixels, {"name": channel.name, "sec": stamp.get("sec", 0), "ns": stamp.get("ns", 0)}
@@ -314,7 +319,8 @@ class StreamReceiver(Service):
     def _decode(self, parts: list) -> tuple[int, np.ndarray, dict] | None:
         """(image id, pixels, extra) of a usable message; None (counted, logged) otherwise."""
         try:
-            image_id, pixels, extra = decode_message(self.stream_type, parts, self.config.image_n_bytes)
+            image_id, pixels, extra = decode_message(self.stream_type, parts, self.config.image_n_bytes,
+                                                     self.config.detector_type == "gigafrost")
         except FormatError as exc:
             self._reject("invalid", str(exc))
             return None
@@ -333,6 +339,9 @@ class StreamReceiver(Service):
             metadata.image_id = image_id
             if "gf" in extra:
                 metadata.gf.CopyFrom(GFImageMetadata(**extra["gf"]))
+                for problem in extra["problems"]:  # the image is good: only that field is left out
+                    self.counters.warn("gf", log, "%s: image %d: %s; left out of its metadata", self.address,
+                                       image_id, problem)
             elif metadata.HasField("gf"):  # the message before had them; this one has not
                 metadata.ClearField("gf")
             if "name" in extra and self.config.detector_type == "pco":
