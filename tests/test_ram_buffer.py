@@ -132,10 +132,36 @@ def test_a_buffer_larger_than_the_room_in_dev_shm_is_refused(monkeypatch) -> Non
         f_bavail, f_frsize = 5, 1 << 20
 
     monkeypatch.setattr(ram_buffer.os, "statvfs", lambda path: Almost() if path == "/dev/shm" else real(path))
-    with pytest.raises(ConfigError, match=rf"the RAM buffer /dev/shm/{layout.name} needs 0.01 GiB, but /dev/shm has "
-                                          r"0.00 GiB free \(lower ram_buffer_gb or ram_buffer_slots"):
-        RamBuffer.create(layout)
+    leftover = []
+    with pytest.raises(ConfigError, match=rf"the RAM buffer /dev/shm/{layout.name} needs 8.0 MiB, but /dev/shm has "
+                                          r"5.0 MiB free \(lower ram_buffer_gb or ram_buffer_slots"):
+        leftover.append(RamBuffer.create(layout))  # (closed below if it was made: no leak when this fails)
+    for buffer in leftover:
+        buffer.close()
     assert not os.path.exists(f"/dev/shm/{layout.name}") and not os.path.exists(f"/dev/shm/{layout.name}{GUARD_SUFFIX}")
+
+
+def test_a_crashed_writers_buffer_counts_as_room_for_its_replacement(monkeypatch) -> None:
+    """The room check saw a crashed writer's ring (its pages held while readers still map it) as
+    taken: its restart was refused (exit 2), and `stddaq up` stopped the whole deployment."""
+    import stddaq.bus.ram_buffer as ram_buffer
+
+    name = unique_name("crash") + "-image"
+    layout = BufferLayout(name, slot_n_bytes=1 << 20, n_slots=4)
+    code = ("import os, signal\n"
+            "from stddaq.bus.ram_buffer import BufferLayout, RamBuffer\n"
+            f"b = RamBuffer.create(BufferLayout({name!r}, 1 << 20, 4))\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == -9
+    real = os.statvfs
+
+    class Once:  # room for one ring of 4 MiB, not two
+        f_bavail, f_frsize = 3, 1 << 20
+
+    monkeypatch.setattr(ram_buffer.os, "statvfs", lambda path: Once() if path == "/dev/shm" else real(path))
+    with RamBuffer.create(layout) as replacement:
+        assert replacement.owner
+    assert not os.path.exists(f"/dev/shm/{name}")
 
 
 def test_attach_missing_names_object_and_creator() -> None:

@@ -22,6 +22,7 @@ with the guard saying complete. ``attach`` compares the record with its own layo
 from __future__ import annotations
 
 import _posixshmem
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -149,16 +150,21 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool,
         os.close(fd)
 
 
-def _check_room(layout: BufferLayout) -> None:
+def _check_room(layout: BufferLayout, reclaimed: int = 0) -> None:
     """ConfigError if /dev/shm cannot hold the whole buffer now. Its pages are taken only as
     slots are first written, so a buffer larger than the room left would be made, and its
     writer killed by SIGBUS (no message; restarted, again and again) once /dev/shm is full,
-    taking every other buffer there down with it."""
+    taking every other buffer there down with it. ``reclaimed``: the size of the buffer this one
+    replaces (a crashed writer's), counted free: its readers let it go once they follow."""
     st = os.statvfs("/dev/shm")
-    free = st.f_bavail * st.f_frsize
+    free = st.f_bavail * st.f_frsize + reclaimed
     if layout.n_bytes > free:
-        raise ConfigError(f"the RAM buffer /dev/shm/{layout.name} needs {layout.n_bytes / 2**30:.2f} GiB, but /dev/shm "
-                          f"has {free / 2**30:.2f} GiB free (lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
+        raise ConfigError(f"the RAM buffer /dev/shm/{layout.name} needs {_size(layout.n_bytes)}, but /dev/shm has "
+                          f"{_size(free)} free (lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 class RamBuffer:
@@ -190,6 +196,7 @@ class RamBuffer:
         # Order matters to readers: claim the name (0 bytes: readers wait), make and lock the
         # guard, then size and map the slots. A reader that finds the slots sized always finds
         # the guard too, so it can never map a stddaq buffer without its overwrite guard.
+        reclaimed = 0
         try:
             fd = _claim(layout.name)
         except FileExistsError:
@@ -199,6 +206,8 @@ class RamBuffer:
                     f"(or a non-stddaq program left it behind: remove it with rm /dev/shm/{layout.name})"
                 ) from None
             log.warning("/dev/shm/%s was left behind by a writer that is gone; replacing it", layout.name)
+            with contextlib.suppress(OSError):  # its pages stay taken while readers still map it
+                reclaimed = os.stat(f"/dev/shm/{layout.name}").st_size
             for name in (layout.name, layout.name + GUARD_SUFFIX):
                 _unlink(name)
             fd = _claim(layout.name)
@@ -210,7 +219,7 @@ class RamBuffer:
                 LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, 0)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _check_room(layout)
+            _check_room(layout, reclaimed)
             os.ftruncate(fd, layout.n_bytes)
             data = mmap.mmap(fd, layout.n_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
