@@ -260,6 +260,17 @@ def test_an_old_run_image_held_for_its_order_goes_before_the_new_run_reaches_its
     assert wide.drain() == [197]  # the new run's 197
 
 
+def test_a_connection_ahead_for_a_while_is_not_put_out_of_order() -> None:
+    """Messages held because one connection ran ahead of the others went out of order after two
+    windows (the rule is for an old run's last images after the ids went back), and readers saw
+    ids go back, which ends a recording."""
+    order = InOrder(window=16, n_slots=1000)
+    ahead = list(range(20, 72, 4))  # one connection's next 13 images, written before the others'
+    arrivals = [*range(17), *ahead, *[i for i in range(17, 140) if i not in ahead]]
+    released = _released(order, arrivals) + order.drain()
+    assert released == list(range(140))
+
+
 def test_ids_that_step_are_released_within_the_window_never_at_their_slot(make_config) -> None:
     """Pulse ids stepping by 4 into a ring of 1000 slots use 250 of them. A window of 256 held
     each message until its slot was written again, so readers found most images gone; the

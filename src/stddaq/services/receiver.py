@@ -104,12 +104,13 @@ class InOrder:
     more than ``window`` are held (an id that does not come is skipped). ``drain()`` gives all.
     A window of 0 holds nothing.
 
-    Nothing is held for more than ``2 * window`` further images: a message above the ids that keep
-    coming (a sender that began its ids again while its old run's last images were still being
-    merged: they come after the new run's first ones) goes then, out of order, while its slot
-    still holds its pixels; held until the new run reached its id, it went out just before the
-    new image of that id took its slot, and readers got the new pixels under its metadata (the
-    overwrite guard cannot tell: the same id). A held image of the same id as the one about to be
+    After the ids went back (a sender that began its ids again while its old run's last images
+    were still being merged: they come after the new run's first ones), nothing at or above
+    where they were is held for more than ``2 * window`` further images: it goes then, out of
+    order, while its slot still holds its pixels (in a steady stream the window alone rules).
+    Held until the new run reached its id, it went out just before the new image of that id
+    took its slot, and readers got the new pixels under its metadata (the overwrite guard
+    cannot tell: the same id). A held image of the same id as the one about to be
     written is not given for that reason: its id goes to ``lost`` (the receiver counts it)."""
 
     def __init__(self, window: int, n_slots: int) -> None:
@@ -121,6 +122,7 @@ class InOrder:
         self._next: int | None = None  # the id that may go next without waiting
         self.lost: list[int] = []  # held ids given up (see the class docstring), for the receiver to count
         self._added = 0  # messages added so far
+        self._went_back: int | None = None  # where the ids were when they last went back (see add)
         self._order: deque[tuple[int, int, bytes]] = deque()  # (id, when added, message) held, oldest first
 
     def __len__(self) -> int:
@@ -145,6 +147,8 @@ class InOrder:
 
     def add(self, image_id: int, message: bytes) -> list[bytes]:
         if self.window == 0 or (self._next is not None and image_id < self._next):
+            if self._next is not None and image_id < self._next:  # ids went back: ids from here on may be
+                self._went_back = self._next  # an old run's last images, merged after the new run's first
             self._next = image_id + 1
             return [message]
         heapq.heappush(self._ids, image_id)
@@ -155,11 +159,19 @@ class InOrder:
         out = []
         while self._ids and (self._ids[0] == self._next or len(self._ids) > self.window):
             out.append(self._pop())
-        order = self._order
-        while order and (self._messages.get(order[0][0]) is not order[0][2] or self._added - order[0][1] >= 2 * self.window):
-            held, _, kept = order.popleft()
-            if self._messages.get(held) is kept:  # held for two windows of images: it goes, in order or not
-                out.append(self._pop() if held == self._ids[0] else self._take(held))
+        order, mark, messages = self._order, self._went_back, self._messages
+        while order and messages.get(order[0][0]) is not order[0][2]:
+            order.popleft()  # gone already
+        if mark is not None:
+            for held, when, kept in list(order):  # oldest first
+                if self._added - when < 2 * self.window:
+                    break
+                if held >= mark and messages.get(held) is kept:  # an old run's, held two windows: it goes
+                    out.append(self._pop() if held == self._ids[0] else self._take(held))
+            if self._next is not None and self._next > mark + 2 * self.window:
+                self._went_back = None  # the new run is well past where the old one was
+        if len(order) > 4 * self.window:  # entries of messages gone behind one still held
+            self._order = deque(entry for entry in order if messages.get(entry[0]) is entry[2])
         return out
 
     def drain(self) -> list[bytes]:
