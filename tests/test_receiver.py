@@ -492,3 +492,36 @@ def test_messages_queued_in_the_connections_at_stop_are_written(make_config) -> 
         receiver.close()
         ctx.term()
     assert ids == list(range(60))
+
+
+def test_what_the_close_cannot_write_in_time_is_counted_lost_and_said(make_config, caplog) -> None:
+    """Past the close's drain time the rest of the connections' queues went with the sockets,
+    counted nowhere and said nowhere, though it had reached the receiver."""
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=8, ram_buffer_slots=1000)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{push.bind_to_random_port('tcp://127.0.0.1')}"
+    receiver = StreamReceiver(config, address, n_connections=4, ctx=ctx).start()
+    written = []
+    try:
+        for frame in range(300):
+            push.send_multipart(array10.encode(frame, ramp(frame, config.shape, config.dtype)))
+        assert receiver._poller.poll(5000)
+        time.sleep(0.5)  # all in the receiver's queues now
+        write_image = receiver.publisher.write_image
+
+        def slow(metadata, pixels):  # a ring this slow writes about 50 in the close's 0.5 s
+            time.sleep(0.01)
+            written.append(metadata.image_id)
+            return write_image(metadata, pixels)
+
+        receiver.publisher.write_image = slow
+        receiver.close()
+        totals = receiver.stats()
+    finally:
+        push.close(0)
+        receiver.close()
+        ctx.term()
+    assert 0 < len(written) < 300 and totals["lost"] == 300 - len(written), (len(written), dict(totals))
+    assert f"{300 - len(written)} message(s) that had reached this receiver were not written" in caplog.text

@@ -263,6 +263,12 @@ class StreamReceiver(Service):
                 while self._write_next(self._heads):  # a sender still sending: what is decoded goes too
                     pass
                 self._send(self.in_order.drain())
+                left = self._count_left()
+                if left:
+                    self.counters.add("lost", left)
+                    log.warning("%s: %d message(s) that had reached this receiver were not written: it stopped "
+                                "after %.1f s of writing what its connections held (the sender was still sending)",
+                                self.address, left, CLOSE_DRAIN)
         finally:
             for sock in self.sockets:
                 sock.close(0)
@@ -270,6 +276,18 @@ class StreamReceiver(Service):
             if self.publisher is not None:
                 self.publisher.close_for_readers()
                 self.publisher = None
+
+    def _count_left(self, limit: int = 1_000_000) -> int:
+        """Messages still queued in the connections (taken off, not decoded, to be counted)."""
+        left = 0
+        for sock in self.sockets:
+            while left < limit:
+                try:
+                    sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                left += 1
+        return left
 
     def _step(self) -> bool:
         """Merge the connections by id for up to 50 ms (module docstring); when none has had
