@@ -173,3 +173,43 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+class LateReader:
+    """A SUB that takes little (RCVHWM 1000: the rest waits in the producer's socket) and reads
+    nothing until ``read_later(delay)``: a reader not scheduled for a moment. ``join()`` gives
+    every message it got until 3 s without one."""
+
+    def __init__(self, address: str) -> None:
+        import zmq
+
+        self._again = zmq.Again
+        self.ctx = zmq.Context()
+        self.socket = self.ctx.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.RCVHWM, 1000)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket.setsockopt(zmq.RCVTIMEO, 3000)
+        self.socket.connect(address)
+        self.received: list[bytes] = []
+        self._thread: threading.Thread | None = None
+
+    def read_later(self, delay: float = 0.1) -> None:
+        def read() -> None:
+            time.sleep(delay)
+            while True:
+                try:
+                    self.received.append(self.socket.recv())
+                except self._again:
+                    return
+
+        self._thread = threading.Thread(target=read)
+        self._thread.start()
+
+    def join(self) -> list[bytes]:
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        return self.received
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.ctx.term()

@@ -21,8 +21,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
-import zmq
-from conftest import wait_until
+from conftest import LateReader, wait_until
 
 from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
 from stddaq.bus.ram_buffer import BufferLayout
@@ -526,22 +525,7 @@ def test_images_published_at_close_still_reach_a_reader_slow_for_a_moment(make_c
     reader not scheduled for a moment) were dropped, the tail of a run lost without a gap."""
     config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=8)
     stage = Compressor(config, blosc2_codec(), threads=2).start()
-    ctx = zmq.Context()
-    reader = ctx.socket(zmq.SUB)
-    reader.setsockopt(zmq.RCVHWM, 1000)  # it takes a little, so the rest waits in the stage's socket
-    reader.setsockopt(zmq.SUBSCRIBE, b"")
-    reader.setsockopt(zmq.RCVTIMEO, 3000)
-    reader.connect(config.ipc_address("blosc2"))
-    received = []
-
-    def read_later() -> None:
-        time.sleep(0.1)  # the reader comes back while the stage is closing
-        while True:
-            try:
-                received.append(reader.recv())
-            except zmq.Again:
-                return
-
+    reader = LateReader(config.ipc_address("blosc2"))
     try:
         assert stage.publisher.wait_for_subscribers(1, timeout=10)
         metadata = image_metadata(config)
@@ -549,13 +533,11 @@ def test_images_published_at_close_still_reach_a_reader_slow_for_a_moment(make_c
         for image_id in range(20_000):  # about 1 MB of messages: more than the kernel's socket buffers hold
             metadata.image_id = image_id
             stage._outbox.append(ImageMetadata.FromString(metadata.SerializeToString()))
-        thread = threading.Thread(target=read_later)
-        thread.start()
+        reader.read_later()  # the reader comes back while the stage is closing
         stage.close()
-        thread.join(timeout=30)
+        received = reader.join()
     finally:
-        reader.close(0)
-        ctx.term()
+        reader.close()
     assert len(received) == 20_000
 
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -431,6 +432,15 @@ def test_a_metadata_writer_slow_for_a_moment_does_not_end_the_run(deployment, se
     assert reply["status"] == "file_saved", reply
 
 
+@contextlib.contextmanager
+def recording_source(d: Deployment, n_image: int) -> Iterator[ImagePublisher]:
+    """A source of ``d``'s config, a run of ``n_image`` started on it, its driver subscribed."""
+    with ImagePublisher(d.config) as publisher:
+        start_when_writers_ready(d.session, {"command": "start", "path": str(d.run_dir), "n_image": n_image})
+        assert publisher.wait_for_subscribers(1, 10)
+        yield publisher
+
+
 def _publish_ramps(publisher: ImagePublisher, config, ids, lost=()) -> None:
     """Publish the ramp image of each id, 10 ms apart. An id in ``lost`` is written, then its
     slot is taken by the image a ring later before its message goes: lost at every reader."""
@@ -452,9 +462,7 @@ def test_images_lost_before_the_driver_read_them_end_the_run_in_error_with_its_f
     d = deployment(1, ram_buffer_slots=64)
     config, session, run_dir = d.config, d.session, d.run_dir
     det = config.detector_name
-    with ImagePublisher(config) as publisher:
-        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 10})
-        assert publisher.wait_for_subscribers(1, 10)
+    with recording_source(d, n_image=10) as publisher:
         _publish_ramps(publisher, config, range(11), lost=(5,))
         reply = session.status("file_saved", "error", timeout=30)
     assert reply["status"] == "error", session.transcript[-5:]
@@ -507,9 +515,7 @@ def test_a_source_whose_ids_go_back_mid_run_ends_it_before_the_runs_mix(deployme
     d = deployment(1, ram_buffer_slots=64)
     config, session, run_dir = d.config, d.session, d.run_dir
     det = config.detector_name
-    with ImagePublisher(config) as publisher:
-        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 30})
-        assert publisher.wait_for_subscribers(1, 10)
+    with recording_source(d, n_image=30) as publisher:
         _publish_ramps(publisher, config, [*range(10), *range(3)])  # a new acquisition: ids from 0 again
         reply = session.status("file_saved", "error", timeout=30)
     assert reply["status"] == "error", session.transcript[-5:]
@@ -538,10 +544,8 @@ def test_an_error_reason_counts_the_images_the_driver_lost_too(deployment) -> No
     """A run that fails (here: its writer dies) after the driver lost images said only the
     writer's reason; the files missed 301 images and the driver's stats said lost=300."""
     d = deployment(1, ram_buffer_slots=64)
-    config, session, run_dir = d.config, d.session, d.run_dir
-    with ImagePublisher(config) as publisher:
-        start_when_writers_ready(session, {"command": "start", "path": str(run_dir), "n_image": 100})
-        assert publisher.wait_for_subscribers(1, 10)
+    config, session = d.config, d.session
+    with recording_source(d, n_image=100) as publisher:
         _publish_ramps(publisher, config, range(6), lost=(5,))
         session.until(lambda m: m["status"] == "recording" and m["count"] >= 5)
         d.writers[0].proc.send_signal(signal.SIGKILL)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import LateReader, wait_until
 
 from stddaq.bus import ImageSubscriber
 from stddaq.patterns import ramp
@@ -160,28 +160,11 @@ def test_images_published_before_a_stop_reach_a_reader_slow_for_a_moment(make_co
     for a moment was dropped, the last images of the run lost without a gap."""
     import threading
 
-    import zmq
-
     from stddaq.services.simulator import Simulator
 
     config, _ = make_config(image_pixel_height=16, image_pixel_width=24, ram_buffer_slots=64)
     sim = Simulator(config, rate=20_000).start()
-    ctx = zmq.Context()
-    reader = ctx.socket(zmq.SUB)
-    reader.setsockopt(zmq.RCVHWM, 1000)  # it takes a little, so the rest waits in the simulator's socket
-    reader.setsockopt(zmq.SUBSCRIBE, b"")
-    reader.setsockopt(zmq.RCVTIMEO, 3000)
-    reader.connect(config.ipc_address("image"))
-    received = []
-
-    def read_later() -> None:
-        time.sleep(0.1)  # the reader comes back while the simulator is stopping
-        while True:
-            try:
-                received.append(reader.recv())
-            except zmq.Again:
-                return
-
+    reader = LateReader(config.ipc_address("image"))
     try:
         assert sim.publisher.wait_for_subscribers(1, timeout=10)
         runner = threading.Thread(target=sim.run)
@@ -189,11 +172,9 @@ def test_images_published_before_a_stop_reach_a_reader_slow_for_a_moment(make_co
         time.sleep(0.3)  # about 6000 images, none read yet
         sim.stop()
         runner.join(timeout=10)
-        thread = threading.Thread(target=read_later)
-        thread.start()
+        reader.read_later()  # the reader comes back while the simulator is stopping
         sim.close()
-        thread.join(timeout=30)
+        received = reader.join()
     finally:
-        reader.close(0)
-        ctx.term()
+        reader.close()
     assert len(received) == sim.next_id > 2000

@@ -552,25 +552,30 @@ def test_a_directory_the_switched_user_may_not_write_is_named(tmp_path) -> None:
     assert f"directory {directory} is not writable by uid 65534" in out, out
 
 
-def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -> None:
-    """The data chunk is on disk but its metadata rows cannot be written: those images are
-    reported lost and trimmed at close, so every image in the file keeps its metadata row."""
-    path = tmp_path / "f.h5"
-    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
-    real = f._metadata
+def _failing_writes(dataset):
+    """``dataset`` (a file's metadata), its chunk writes failing from now on (disk full)."""
 
-    class FailingWrites:  # the real dataset, but its chunk writes fail from now on (disk full)
-        shape = property(lambda self: real.shape)
-        resize = staticmethod(real.resize)
+    class FailingWrites:
+        shape = property(lambda self: dataset.shape)
+        resize = staticmethod(dataset.resize)
 
         class id:  # noqa: N801 - h5py's attribute name
             @staticmethod
             def write_direct_chunk(*args) -> None:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
+    return FailingWrites()
+
+
+def test_a_metadata_write_that_fails_leaves_no_image_without_its_row(tmp_path) -> None:
+    """The data chunk is on disk but its metadata rows cannot be written: those images are
+    reported lost and trimmed at close, so every image in the file keeps its metadata row."""
+    path = tmp_path / "f.h5"
+    f = ImageFile.create(path, "det", SHAPE, DT, gpfs_block_size=4 * IMAGE_BYTES)
+    real = f._metadata
     for image_id in range(4):
         f.append(image_id, 1, ramp(image_id, SHAPE, DT))  # one whole chunk: data and rows on disk
-    f._metadata = FailingWrites()
+    f._metadata = _failing_writes(real)
     for image_id in range(4, 7):
         f.append(image_id, 1, ramp(image_id, SHAPE, DT))
     with pytest.raises(WriteFailed) as failed:
@@ -601,16 +606,7 @@ def test_rows_that_cannot_be_written_after_a_failure_name_their_images(tmp_path)
         f.append(5, 1, bitshuffle_lz4_encode(ramp(5, SHAPE, DT)))
     assert first.value.image_ids == (5,)
 
-    class FailingWrites:  # the metadata dataset, its writes failing now too
-        shape = property(lambda self: real.shape)
-        resize = staticmethod(real.resize)
-
-        class id:  # noqa: N801 - h5py's attribute name
-            @staticmethod
-            def write_direct_chunk(*args) -> None:
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-    f._metadata = FailingWrites()
+    f._metadata = _failing_writes(real)  # its writes failing now too
     with pytest.raises(WriteFailed) as closing:
         f.close()
     assert closing.value.image_ids == (0, 1, 2, 3, 4)
