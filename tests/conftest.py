@@ -120,7 +120,9 @@ class ServiceProcess:
 
     def __init__(self, module: str, *args: str) -> None:
         self.argv = [sys.executable, "-m", module, *map(str, args)]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a service still running 8 s after its SIGTERM prints its threads' tracebacks (stop() kills at 10)
+        env = dict(os.environ, STDDAQ_STOP_REPORT="8")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def wait(self, timeout: float = 30) -> int:
         return self.proc.wait(timeout)

@@ -11,6 +11,7 @@ cleanly.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import math
 import os
@@ -177,6 +178,9 @@ def setup_logging(level: int) -> None:
     logging.getLogger().setLevel(level)
 
 
+#: environment variable: seconds after a stop signal at which a service still running prints
+#: its threads' tracebacks (a diagnostic; unset: never)
+STOP_REPORT_ENV = "STDDAQ_STOP_REPORT"
 #: signals that stop a service cleanly (SIGHUP: its terminal or ssh session went away)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -226,6 +230,11 @@ def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorCon
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("%s: %s received, stopping", prog, signal.Signals(signum).name)
+        # with STDDAQ_STOP_REPORT=S, a service that has not ended S seconds later prints where each
+        # of its threads is (the tests set it: a rare driver hang at stop was seen in CI, cause unknown)
+        report = os.environ.get(STOP_REPORT_ENV)
+        if report:
+            faulthandler.dump_traceback_later(float(report), exit=False)
         service.stop()
 
     previous = handle_stop_signals(_on_signal)

@@ -184,6 +184,9 @@ class WriterLink:
         return n
 
     def close(self) -> None:
+        if self._bound:  # the name first: it goes even if what follows takes its time
+            unlink_ipc(self.action_address)
+            self._bound = False
         if self.push is not None:
             try:
                 self.push.disable_monitor()
@@ -194,9 +197,6 @@ class WriterLink:
         if self.monitor is not None:
             self.monitor.close(0)
             self.monitor = None
-        if self._bound:
-            unlink_ipc(self.action_address)
-            self._bound = False
         if self.pull is not None:
             self.pull.close(0)
             self.pull = None
