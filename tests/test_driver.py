@@ -25,6 +25,7 @@ import h5py
 import hdf5plugin  # noqa: F401 - registers the filters h5py needs to read compressed files
 import numpy as np
 import pytest
+import zmq
 from conftest import wait_until
 
 from stddaq.bus import ImagePublisher, image_metadata
@@ -523,6 +524,31 @@ def test_a_source_whose_ids_go_back_mid_run_ends_it_before_the_runs_mix(deployme
     data, rows = read_file(run_dir / "file0.h5", det)
     assert list(rows["image_id"]) == list(range(10))
     check_ramp(data, rows["image_id"], config)
+
+
+def test_a_second_process_on_a_writers_socket_ends_the_run_and_refuses_the_next(deployment) -> None:
+    """A second process connected as writer 0 (a duplicate writer) gets every other image from
+    the driver's PUSH: those were in no file, and the run went on as if nothing happened."""
+    d = deployment(1, ram_buffer_slots=64)
+    config, session = d.config, d.session
+    rogue = zmq.Context.instance().socket(zmq.PULL)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        with recording_source(d, n_image=40) as publisher:
+            _publish_ramps(publisher, config, range(5))
+            rogue.connect(config.ipc_address("driver-0"))
+            _publish_ramps(publisher, config, range(5, 40))
+            reply = session.status("file_saved", "error", timeout=30)
+        assert reply["status"] == "error", session.transcript[-5:]
+        assert "2 processes were connected as writer 0" in reply["reason"], reply
+        assert "is a second std_det_writer 0 running?" in reply["reason"], reply
+        session.status("idle")
+        (d.run_dir / "again").mkdir()
+        session.send({"command": "start", "path": str(d.run_dir / "again"), "n_image": 5})
+        reply = session.status("error", "waiting_for_first_image", timeout=30)
+        assert reply["status"] == "error" and "2 processes were connected as writer 0" in reply["reason"], reply
+    finally:
+        rogue.close(0)
 
 
 def test_a_driver_shut_down_mid_run_does_not_say_file_saved(deployment, service) -> None:

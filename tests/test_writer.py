@@ -127,6 +127,29 @@ def test_records_images_from_the_ram_buffer_exactly(make_config, service, driver
     assert not os.path.exists(config.ipc_address("writer-0")[len("ipc://"):])
 
 
+def test_a_second_writer_of_the_same_id_never_connects_for_commands(make_config, service, driver) -> None:
+    """A second `std_det_writer <cfg> 0` connected its command socket before it found the answer
+    socket taken: for that moment the driver's PUSH had two peers and handed it images, which
+    it took away when it exited (11 of 6000 images in no file, the run said file_saved)."""
+    from stddaq.errors import BusError
+    from stddaq.services.writer import Writer
+
+    config, path = make_config(number_of_writers=1)
+    d = driver(config)
+    monitor = d.push.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    try:
+        service(WRITER, path, 0)
+        assert monitor.poll(20_000), "the writer did not connect"
+        monitor.recv_multipart()
+        second = Writer(config, 0)
+        with pytest.raises(BusError, match="another process"):
+            second.start()
+        assert not monitor.poll(500), "the second writer connected to the driver's command socket"
+    finally:
+        d.push.disable_monitor()
+        monitor.close(0)
+
+
 @pytest.mark.parametrize("suffix,compression", [("h5bitshuffle-lz4", ImageMetadataCompression.h5bitshuffle_lz4),
                                                 ("blosc2", ImageMetadataCompression.blosc2)])
 def test_compressed_source_is_stored_as_is_and_decodes_with_hdf5plugin(make_config, service, driver, tmp_path,

@@ -105,6 +105,9 @@ class WriterLink:
         self.action_address = config.ipc_address(f"driver-{key}")
         self.response_address = config.ipc_address(f"writer-{key}")
         self.peers = 0
+        #: the most writers connected at once since the last ``crowded()``: a second process of
+        #: this writer id would be handed every other image by the PUSH (and then take them away)
+        self.most_peers = 0
         self.outstanding = 0  # requests sent whose answer has not come yet (answers come in order)
         self.asked_at = 0.0  # when the oldest outstanding request was sent
         self.last_sent_id = -1  # the id of the last image handed to this writer (this run)
@@ -132,9 +135,19 @@ class WriterLink:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self.peers += 1
+                self.most_peers = max(self.most_peers, self.peers)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers = max(0, self.peers - 1)
         return self.peers
+
+    def crowded(self) -> str | None:
+        """Why this link cannot be trusted with images, if more than one process was connected
+        at once since the last call (the PUSH shares images between its peers)."""
+        most, self.most_peers = self.most_peers, self.peers
+        if most <= 1:
+            return None
+        return (f"{most} processes were connected as {self.name} to {self.action_address} at once: the images "
+                f"are shared between them (is a second std_det_writer {self.key} running?)")
 
     def send(self, payload: bytes) -> bool:
         try:
@@ -403,6 +416,9 @@ class WriterDriver(Service):
             if link.update() == 0:
                 raise RunFailed(f"{link.name} is not running: nothing is connected to {link.action_address} "
                                 f"(start: std_det_writer <config> {link.key})")
+            link.most_peers = link.peers  # who was there between runs does not matter, who is there now does
+            if (crowded := link.crowded()) is not None:
+                raise RunFailed(crowded)
         for link in self._all_links():
             path = start.meta_file if link is self.meta_link else start.raw_file(int(link.key))
             action = WriterAction(create_file={"path": str(path), "writer_id": start.writer_id})
@@ -516,6 +532,8 @@ class WriterDriver(Service):
             if link.update() == 0:
                 raise RunFailed(f"{link.name} disconnected while recording (did its process die?) "
                                 f"after {self.count} images")
+            if (crowded := link.crowded()) is not None:
+                raise RunFailed(f"{crowded}; images sent to {link.name} may be in no file")
             if link.outstanding == 0:
                 if now - link.asked_at >= CONFIRM_PERIOD:
                     link.request(CONFIRM_LAST_IMAGE, now)

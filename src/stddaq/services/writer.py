@@ -96,12 +96,9 @@ class Writer(Service):
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
-        pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.RCVHWM, 0)  # never drop a command: the driver's PUSH blocks instead
-        pull.connect(self.command_address)
-        self._pull = pull
-        self._monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # the answer socket first: binding it fails while another writer of this id runs, and it
+        # must fail before this one connects for commands, or the driver's PUSH would hand some of
+        # its images to this writer, which then exits with them (they would be in no file)
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.setsockopt(zmq.SNDHWM, 1000)
@@ -111,6 +108,12 @@ class Writer(Service):
         self.endpoints = {"commands": self.command_address,
                           "responses": bind(push, self.response_address, "the writer response socket")}
         self._bound = True
+        pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.setsockopt(zmq.RCVHWM, 0)  # never drop a command: the driver's PUSH blocks instead
+        pull.connect(self.command_address)
+        self._pull = pull
+        self._monitor = pull.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         log.info("writer %s of %s: commands from %s, answers on %s%s", self.writer_index, self.config.detector_name,
                  self.command_address, self.response_address,
                  "" if self.is_meta else f", images from /dev/shm/{self.layout.name}")
