@@ -313,6 +313,9 @@ def test_bad_commands_answer_error_and_the_connection_stays_usable(deployment, t
         ({"command": "start", "path": str(run_dir), "n_image": "ten"}, "'n_image' must be an integer"),
         ({"command": "start", "path": str(run_dir), "n_image": 2.5}, "'n_image' must be an integer"),
         ({"command": "start", "path": str(run_dir), "n_image": 10**12}, "not enough space"),
+        ("[" * 100_000, "nested too deeply"),  # a RecursionError in json closed the connection (1011)
+        ('{"command": "start", "path": "/d", "n_image": ' + "9" * 5000 + "}", "not valid JSON"),
+        ({"command": "start", "path": str(run_dir), "n_images": 10}, "did you mean 'n_image'?"),
     ]
     for command, words in cases:
         session.send(command)

@@ -57,6 +57,14 @@ def test_start_with_every_field_and_stop() -> None:
     ('{"command": "start", "path": "/d", "n_image": true}', "'n_image' must be an integer"),
     ('{"command": "start", "path": "/d", "start_id": -1}', "'start_id' is -1"),
     ('{"command": "start", "path": "/d", "writer_id": "root"}', "'writer_id' must be an integer"),
+    # a misspelt field would leave its default (n_image: record until stop): refused, the right name said
+    ('{"command": "start", "path": "/d", "n_images": 10}', "unknown field 'n_images': did you mean 'n_image'?"),
+    ('{"command": "start", "path": "/d", "startid": 5}', "unknown field 'startid': did you mean 'start_id'?"),
+    ('{"command": "start", "path": "/d", "file_prefx": "a"}', "did you mean 'file_prefix'?"),
+    # what json cannot parse within Python's limits is bad JSON too (it ended the client's connection)
+    pytest.param("[" * 100_000, "nested too deeply", id="deep-nesting"),
+    pytest.param('{"command": "start", "path": "/d", "n_image": ' + "9" * 5000 + "}", "not valid JSON",
+                 id="5000-digit-integer"),
 ])
 def test_bad_commands_say_what_is_wrong(text: str, words: str) -> None:
     with pytest.raises(CommandError, match=words.replace("(", r"\(")) as info:

@@ -614,7 +614,11 @@ class WriterDriver(Service):
         sender = asyncio.create_task(self._sender(connection, client))
         try:
             async for frame in connection:
-                reply = await self._on_message(frame)
+                try:
+                    reply = await self._on_message(frame)
+                except Exception as exc:  # noqa: BLE001 - a command must never cost the client its connection
+                    log.exception("command failed")
+                    reply = {"status": "error", "reason": f"the command failed: {type(exc).__name__}: {exc}"}
                 if reply is not None:
                     _put_latest(client, reply)
         except ConnectionClosed:

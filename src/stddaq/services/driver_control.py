@@ -9,6 +9,7 @@ driver pushes. The driver service (services/driver.py) wires these to its socket
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import pwd
@@ -81,9 +82,10 @@ def parse_command(text: str | bytes) -> StartCommand | StopCommand:
     """One websocket frame -> a command; CommandError says what is wrong and what is allowed."""
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: also an int of > 4300 digits
         shown = text if len(text) <= 60 else text[:57] + "..."
-        raise CommandError(f"message is not valid JSON ({exc}): {shown!r}") from None
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CommandError(f"message is not valid JSON ({reason}): {shown!r}") from None
     if not isinstance(data, dict):
         raise CommandError(f"message must be a JSON object like {{\"command\": \"start\", ...}}, got {type(data).__name__}")
     command = data.get("command")
@@ -97,6 +99,7 @@ def parse_command(text: str | bytes) -> StartCommand | StopCommand:
 
 
 def _parse_start(data: dict[str, Any]) -> StartCommand:
+    _check_keys(data)
     path = data.get("path")
     if path is None:
         raise CommandError("start needs \"path\": the directory to write into")
@@ -118,6 +121,19 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
     if values["writer_id"] >= 2**31:
         raise CommandError(f"start: 'writer_id' is {values['writer_id']}, must be a uid < 2**31")
     return StartCommand(path=path, file_prefix=prefix, n_image_given="n_image" in data, **values)
+
+
+def _check_keys(data: dict[str, Any]) -> None:
+    """A field that looks like a misspelt start field is refused (``n_images`` would otherwise
+    leave the default n_image, and the run record until stop). Other fields are ignored, as
+    upstream's driver does: a client may send more than the driver reads."""
+    for key in data:
+        if key in START_KEYS or key == "command":
+            continue
+        meant = difflib.get_close_matches(str(key).lower(), START_KEYS, n=1, cutoff=0.75)
+        if meant:
+            raise CommandError(f"start: unknown field {key!r}: did you mean {meant[0]!r}? (start fields: "
+                               f"{', '.join(START_KEYS)})")
 
 
 def status_message(status: Status, *, count: int = 0, reason: str | None = None) -> dict[str, Any]:
