@@ -418,6 +418,41 @@ def test_a_hung_writer_ends_the_run_once_the_source_overwrote_its_images(deploym
     assert d.driver.proc.poll() is None
 
 
+def test_a_writer_that_hung_in_a_run_answers_the_next_one_only_for_itself(deployment, service) -> None:
+    """A writer paused in run N (its run ended in error) answers N's requests late, in order.
+    Those answers were taken for run N+1's create_file: N+1 failed with N's lost images as its
+    reason (or a FAILURE-free stale answer passed for a file never created)."""
+    d = deployment(1, ram_buffer_slots=100)
+    session, run_dir = d.session, d.run_dir
+    service(SIM, d.path, "--rate", 200)
+    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
+    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    writer = d.writers[0].proc
+    writer.send_signal(signal.SIGSTOP)
+    try:
+        assert session.status("error", timeout=20)["reason"].startswith("writer 0 has not taken image ")
+        session.status("idle")
+        still_stopped = run_dir / "still-stopped"
+        still_stopped.mkdir()
+        session.send({"command": "start", "path": str(still_stopped), "n_image": 10})
+        reply = session.status("error", "waiting_for_first_image", timeout=20)
+        assert reply["status"] == "error", reply
+        assert reply["reason"].startswith("writer 0 still owes "), reply
+        assert "answer(s) to requests of an earlier run" in reply["reason"], reply
+        session.status("idle")
+        resumed = run_dir / "resumed"
+        resumed.mkdir()
+        session.send({"command": "start", "path": str(resumed), "n_image": 100})
+        session.status("creating_file")
+    finally:
+        writer.send_signal(signal.SIGCONT)
+    reply = session.status("file_saved", "error", timeout=30)
+    assert reply["status"] == "file_saved", session.transcript[-5:]
+    data, rows = read_file(resumed / "file0.h5", d.config.detector_name)
+    assert len(rows) == 100
+    check_ramp(data, rows["image_id"], d.config)
+
+
 def test_a_metadata_writer_slow_for_a_moment_does_not_end_the_run(deployment, service) -> None:
     """The metadata writer reads no pixels: its image going out of the ring loses nothing. A
     1.5 s stall of it (a metadata file system) ended the run as if it had lost images."""

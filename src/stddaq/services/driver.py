@@ -138,6 +138,8 @@ class WriterLink:
                 self.most_peers = max(self.most_peers, self.peers)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers = max(0, self.peers - 1)
+                if self.peers == 0:  # what it owed goes with its process: a new one answers only its own
+                    self.outstanding = 0
         return self.peers
 
     def crowded(self) -> str | None:
@@ -188,12 +190,15 @@ class WriterLink:
         return response
 
     def drain(self) -> int:
-        """Drop answers left from an earlier run (a late writer), so answers match requests."""
+        """Take the answers left from an earlier run (a writer late with them); returns how many.
+        Answers are matched to requests by their order, so a new request may go only once
+        ``outstanding`` is 0: until then the writer still owes answers to requests sent before."""
         n = 0
         while self.response() is not None:
             n += 1
-        self.outstanding = 0
-        self.last_sent_id = self.asked_after_id = -1
+            self.outstanding = max(0, self.outstanding - 1)
+        if not self.outstanding:
+            self.last_sent_id = self.asked_after_id = -1
         return n
 
     def close(self) -> None:
@@ -411,8 +416,11 @@ class WriterDriver(Service):
 
     def _create_files(self, start: StartCommand) -> None:
         for link in self._all_links():
+            link.update()  # first: a writer gone since owes nothing
             if link.drain():
                 log.warning("%s: dropped answers left from an earlier run", link.name)
+            if link.outstanding:
+                self._wait_for_owed_answers(link)
             if link.update() == 0:
                 raise RunFailed(f"{link.name} is not running: nothing is connected to {link.action_address} "
                                 f"(start: std_det_writer <config> {link.key})")
@@ -424,6 +432,20 @@ class WriterDriver(Service):
             action = WriterAction(create_file={"path": str(path), "writer_id": start.writer_id})
             self._send(link, action.SerializeToString(), "create_file", request=True)
         self._collect(self._all_links(), "create_file", self.ack_timeout)
+
+    def _wait_for_owed_answers(self, link: WriterLink) -> None:
+        """A writer that did not answer in an earlier run (it hung, and that run failed) answers
+        late, in order: its answers would be taken for this run's (a failure of the last run
+        reported as this one's, or a file this run never created counted as done). Wait up to
+        ack_timeout for them; a writer that still owes answers then cannot take this run."""
+        deadline = self.clock() + self.ack_timeout
+        while link.outstanding and link.update() > 0 and self.clock() < deadline:
+            link.pull.poll(CHECK_PERIOD * 1000)
+            link.drain()
+        if link.outstanding:
+            raise RunFailed(f"{link.name} still owes {link.outstanding} answer(s) to requests of an earlier run after "
+                            f"{self.ack_timeout:g} s: it is stuck (a stopped process, a hung file system) and can "
+                            "take no new run until it answers")
 
     def _call_all(self, what: str, action: WriterAction, timeout: float) -> None:
         payload = action.SerializeToString()
