@@ -140,9 +140,67 @@ def test_gaps_are_counted(make_config) -> None:
         ids = [subscriber.receive(timeout=5).image_id for _ in range(5)]
         assert ids == [1, 2, 5, 6, 10]
         assert subscriber.stats.totals()["gaps"] == 2 + 3
+        assert subscriber.stats.totals()["missed"] == 0  # ids that step: nothing was made between them
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_images_made_whose_metadata_never_came_are_counted_missed(make_config) -> None:
+    """A reader whose connection was down for a moment (a restarted source it reconnects to)
+    never gets some messages: only `gaps` said so, which ids that step make normal, and the
+    driver recorded on and said file_saved without those images."""
+    config, _ = make_config(ram_buffer_slots=16)
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in range(3):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        ids = [subscriber.receive(timeout=5).image_id for _ in range(3)]  # the reader is there (mapped)
+        for image_id in (3, 4):  # made and complete, their messages lost on the way
+            publisher.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        publisher.publish_image(image_metadata(config, 5), ramp(5, config.shape, config.dtype))
+        publisher.publish_image(image_metadata(config, 40), ramp(40, config.shape, config.dtype))  # a step
+        ids += [subscriber.receive(timeout=5).image_id for _ in range(2)]
+        assert ids == [0, 1, 2, 5, 40]
+        totals = subscriber.stats.totals()
+        assert totals["gaps"] == 2 + 34 and totals["missed"] == 2, dict(totals)
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config) -> None:
+    """-sm: the metadata comes from a filter (upstream's std_delay_filter) that forwards only some
+    of the ring's images; the others are complete in the ring and skipped on purpose."""
+    config, _ = make_config(ram_buffer_slots=16)
+    with ImagePublisher(config) as ring, ImagePublisher(config, "delay") as delay:
+        subscriber = ImageSubscriber(config, metadata_suffix="delay").connect()
+        try:
+            assert delay.wait_for_subscribers(1, timeout=5)
+            received = []
+            for image_id in range(6):
+                message = ring.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+                if image_id in (0, 3, 5):
+                    delay.send(message)
+                    received.append(subscriber.receive(timeout=5).image_id)
+            assert received == [0, 3, 5]
+            totals = subscriber.stats.totals()
+            assert totals["gaps"] == 3 and totals["missed"] == 0, dict(totals)
+        finally:
+            subscriber.close()
+
+
+def test_count_complete_sees_only_what_the_ring_still_holds(make_config) -> None:
+    config, _ = make_config(ram_buffer_slots=8)
+    with ImagePublisher(config) as publisher:
+        ring = publisher.buffer
+        for image_id in (*range(10), 12):
+            ring.begin_write(image_id)
+            ring.end_write(image_id)
+        ring.begin_write(13)  # being written: not complete
+        # of the last 8 ids (6..13): 6..9 and 12 are held; 10 and 11 never were, 13 is being written
+        assert ring.count_complete(0, 14) == 5
+        assert ring.count_complete(10, 12) == 0 and ring.count_complete(5, 5) == 0
 
 
 def test_attach_waits_then_names_missing_buffer(make_config) -> None:

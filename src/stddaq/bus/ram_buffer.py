@@ -389,6 +389,19 @@ class RamBuffer:
         # came), or the writer is a ring ahead: then the image's own slot is overwritten already
         return int(self.sequence[image_id % n_slots]) != 2 * image_id + 2
 
+    def count_complete(self, first: int, stop: int) -> int:
+        """How many of the ids ``first`` .. ``stop - 1`` their slots hold complete now (0 unguarded);
+        only the last ``n_slots`` of them can be. A reader that never got the metadata of such an
+        id missed an image its writer made and published."""
+        if self.sequence is None:
+            return 0
+        n_slots = self.layout.n_slots
+        first = max(first, stop - n_slots, 0)
+        if stop <= first:
+            return 0
+        ids = np.arange(first, stop, dtype=np.uint64)
+        return int(np.count_nonzero(self.sequence[ids % np.uint64(n_slots)] == ids * np.uint64(2) + np.uint64(2)))
+
     def newest_id(self) -> int:
         """The highest image id whose writing has begun in any slot (-1: none, or unguarded)."""
         if self.sequence is None:

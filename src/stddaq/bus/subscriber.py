@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 #: Counters of a subscriber, all in ``stats``: processed_times: images handed on (and confirmed,
 #: where the consumer calls confirm()); lost: slot overwritten before it was read (or, via
 #: confirm(), while it was used); invalid: messages that are no usable ImageMetadata; gaps: image
-#: ids never seen between two that were (dropped before they reached this reader).
-SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps")
+#: ids never seen between two that were (dropped before they reached this reader, or never made:
+#: ids that step); missed: of those, the ones the buffer holds complete, so their writer made and
+#: published them and this reader lost them (its connection was down, or its queue full).
+SUBSCRIBER_COUNTERS = ("lost", "invalid", "gaps", "missed")
 _NONE = int(ImageMetadataCompression.none)
 #: values of the enum fields a reader can act on (protobuf carries any int32 in them)
 _STATUSES = frozenset(ImageMetadataStatus.values())
@@ -86,6 +88,9 @@ class ImageSubscriber:
         self.suffix = suffix
         self.layout = BufferLayout.of(config, suffix)
         self.address = config.ipc_address(metadata_suffix or suffix)
+        #: the metadata comes from the ring's own writer: an id it skipped is one it did not publish
+        #: (not so behind a filter that republishes some images' metadata, -sm)
+        self._same_channel = metadata_suffix in (None, suffix)
         self.created_by = created_by or ("the simulator or a receiver (std_sim, std_array10_recv)"
                                          if suffix == "image" else f"the service that writes {suffix!r}")
         self._ctx = ctx
@@ -323,6 +328,7 @@ class ImageSubscriber:
                 self._invalid(f"cannot map /dev/shm/{self.layout.name}: {exc.strerror or exc}")
                 return None
         last = self._last_id
+        gap_from = None
         if last is not None and image_id != last + 1:
             if image_id <= last:
                 previous = buffer
@@ -333,16 +339,32 @@ class ImageSubscriber:
                     self._newest_stale = image_id + self.layout.n_slots - 1
             else:
                 self.stats.add("gaps", image_id - last - 1)
+                gap_from = last + 1
         self._last_id = image_id
         if not buffer.holds(image_id):
             if not (self._replaced() and self.buffer.holds(image_id)):
                 self.stats.add("lost")
                 return None
-            buffer = self.buffer
+            buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
+        elif gap_from is not None:
+            gap_from = max(gap_from, self._newest_stale + 1)  # ids an earlier run left in it prove nothing
+        if gap_from is not None and self._same_channel:
+            self._count_missed(buffer, gap_from, image_id)
         self.stats.processed(size or raw_bytes)
         if compressed:
             return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
         return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
+
+
+    def _count_missed(self, buffer: RamBuffer, first: int, image_id: int) -> None:
+        """Of the ids ``first`` .. ``image_id - 1`` this reader never got, count those the buffer
+        holds complete: made and published, and lost here (gaps alone cannot tell, ids may step)."""
+        missed = buffer.count_complete(first, image_id)
+        if missed:
+            self.stats.add("missed", missed)
+            self.stats.warn("missed", log, "%s: %d image(s) below %d are complete in /dev/shm/%s but their metadata "
+                            "never reached this reader (its connection was down or its queue full): counted "
+                            "missed", self.address, missed, image_id, self.layout.name)
 
 
 def _inode(name: str) -> int | None:

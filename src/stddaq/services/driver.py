@@ -400,11 +400,14 @@ class WriterDriver(Service):
     def _losses(self, before: dict[str, int], subscriber: ImageSubscriber | None) -> list[str]:
         """What the run's reader could not hand on, from its counters since ``before``."""
         after = self.counters.totals()
-        lost, invalid = (after.get(key, 0) - before.get(key, 0) for key in ("lost", "invalid"))
+        lost, invalid, missed = (after.get(key, 0) - before.get(key, 0) for key in ("lost", "invalid", "missed"))
         problems = []
         if lost:  # published, but overwritten before the driver read them: the files have holes
             problems.append(f"{lost} image(s) lost: overwritten in the RAM buffer before the driver read them "
                             "(driver too slow, or RAM buffer too small)")
+        if missed:  # published, but their metadata never came (a restarted source, before the driver reconnected)
+            problems.append(f"{missed} image(s) missed: complete in the RAM buffer, but their metadata never reached "
+                            "the driver (its connection to the source was down, e.g. a restarted source)")
         if invalid:  # e.g. a source re-created with another config: none of its images could be read
             last_error = subscriber.last_error if subscriber is not None else None
             problems.append(f"{invalid} message(s) on {self.config.ipc_address(self.suffix)} were no image the "
