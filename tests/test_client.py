@@ -54,6 +54,40 @@ def test_watch_prints_ids_rate_and_gaps(make_config, service) -> None:
     assert "ids=0.." in with_frames[0] and "shape=[8, 12] type=uint16" in with_frames[0]
 
 
+def test_watch_says_messages_it_cannot_read(make_config) -> None:
+    """Messages that came but were no stream message (a 2-channel bsread source) were shown as
+    `frames=0 (no messages from ...)`: the user looked for a network problem."""
+    import io
+    import threading
+
+    from stddaq.client.stream import watch
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    done = threading.Event()
+
+    def send() -> None:
+        while not done.is_set():
+            pub.send_multipart([b'{"htype": "not-a-stream"}', b"x"])
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    out = io.StringIO()
+    try:
+        watch(f"tcp://127.0.0.1:{port}", duration=1.2, out=out)
+    finally:
+        done.set()
+        sender.join()
+        pub.close(0)
+        ctx.term()
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("frames=")]
+    assert any(ln.startswith("frames=0 invalid=") and "(last: " in ln for ln in lines), lines
+    assert not any("no messages" in ln for ln in lines[1:]), lines
+
+
 def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     """--duration 1.5: the last line covers half a second; its rate was divided by a whole one
     (100 Hz shown as ~50)."""
@@ -93,6 +127,7 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
 
 @pytest.mark.parametrize("args,message", [
     (["watch", "foo", "--duration", "1"], "cannot connect to 'foo'"),  # was a ZMQError traceback
+    (["watch", "tcp://127.0.0.1:99999", "--duration", "1"], "PORT 0..65535"),  # watched port 34463
     (["watch", "tcp://127.0.0.1:9", "--duration", "-1"], "--duration: -1.0 is not allowed"),
     (["up", "--duration", "nan"], "--duration: nan is not allowed"),  # never stopped
     (["up", "--duration", "-5"], "--duration: -5.0 is not allowed"),  # started and stopped everything

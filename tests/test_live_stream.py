@@ -506,10 +506,15 @@ def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, s
     (["-t", "json"], "-t/--type 'json' is not allowed (allowed: array-1.0, bsread)"),
     (["-f", "-p", "1:2"], "exclude each other"),
     (["-s", "bad/suffix"], "suffix"),
+    # libzmq bound port 99999 as 34463 (and -5 as 65531) without a word
+    (["--address", "tcp://127.0.0.1:99999"], "address 'tcp://127.0.0.1:99999' is not allowed"),
+    (["--address", "tcp://127.0.0.1:-5"], "PORT 0..65535"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(make_config, service, args: list, message: str) -> None:
     config, path = make_config()
-    live = service(LIVE, path, "tcp://127.0.0.1:0", *args)
+    address = args[1] if args[:1] == ["--address"] else "tcp://127.0.0.1:0"
+    args = args[2:] if args[:1] == ["--address"] else args
+    live = service(LIVE, path, address, *args)
     assert live.wait(timeout=30) == 2
     _, err = live.output()
     assert len(err.strip().splitlines()) == 1 and message in err, err

@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"stddaq: error: cannot connect to {args.address!r}: {exc.strerror} (a live stream address is "
                       "tcp://HOST:PORT)", file=sys.stderr)
                 return 2
+            except ValueError as exc:  # a tcp address libzmq would take wrongly (port 99999)
+                print(f"stddaq: error: {exc}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "record":
             from stddaq.client.record import record_command

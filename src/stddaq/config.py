@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stddaq.errors import ConfigError
-from stddaq.formats import check_block_bytes
+from stddaq.formats import check_block_bytes, check_stream_address
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ class DetectorConfig(BaseModel):
     @classmethod
     def _check_stream_addresses(cls, value: dict[str, LiveStreamConfig]) -> dict:
         for address in value:
-            host, _, port = address.removeprefix("tcp://").rpartition(":")
-            if not address.startswith("tcp://") or not host or not port.isdigit() or int(port) > 65535:
-                raise ValueError(f"address {address!r} is not allowed: a live stream binds tcp://HOST:PORT "
-                                 "(e.g. tcp://0.0.0.0:9100; PORT 0..65535)")
+            check_stream_address(address)
         return value
 
     @field_validator("bit_depth")

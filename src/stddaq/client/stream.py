@@ -24,7 +24,7 @@ from dataclasses import asdict
 import numpy as np
 import zmq
 
-from stddaq.formats import FormatError, array10, bsread
+from stddaq.formats import FormatError, array10, bsread, check_stream_address
 
 SOCKET_TYPES = {"sub": zmq.SUB, "pull": zmq.PULL}
 
@@ -61,6 +61,8 @@ class LiveStreamClient:
                  ctx: zmq.Context | None = None, rcvhwm: int = 1000) -> None:
         if socket_type not in SOCKET_TYPES:
             raise ValueError(f"socket_type {socket_type!r} is not allowed (allowed: {', '.join(SOCKET_TYPES)})")
+        if address.startswith("tcp://"):
+            check_stream_address(address)
         self.address = address
         self.timeout = timeout
         self._own_ctx = ctx is None
@@ -123,7 +125,8 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
     """`stddaq watch`: print once per ``interval`` the ids received, the rate and the gaps.
 
     One line per interval: ``frames=N rate_hz=R ids=FIRST..LAST gaps=G shape=[H, W] type=T``, or
-    ``frames=0 (no messages)``. Returns the number of messages received.
+    ``frames=0 (no messages)``; messages that came but could not be read add ``invalid=K (last:
+    why)``. Returns the number of messages received.
     """
     import sys
 
@@ -138,18 +141,23 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
             period_start = start + (period - 1) * interval
             period_end = start + period * interval if end is None else min(start + period * interval, end)
             ids: list[int] = []
-            gaps_before = client.stats["gaps"]
+            gaps_before, invalid_before = client.stats["gaps"], client.stats["invalid"]
             last = None
             while (remaining := period_end - clock()) > 0:
                 message = client.receive(timeout=max(remaining, 0.001))
                 if message is not None:
                     last = message
                     ids.append(image_id(message[0]))
+            invalid = client.stats["invalid"] - invalid_before
+            # messages that came but could not be read are said, with why (else "no messages" misleads)
+            unread = f" invalid={invalid} (last: {client.last_error})" if invalid else ""
             if last is not None:
                 _, pixels = last
                 print(f"frames={len(ids)} rate_hz={len(ids) / (period_end - period_start):.1f} ids={ids[0]}..{ids[-1]} "
-                      f"gaps={client.stats['gaps'] - gaps_before} shape={list(pixels.shape)} type={pixels.dtype.name}",
-                      file=out, flush=True)
+                      f"gaps={client.stats['gaps'] - gaps_before} shape={list(pixels.shape)} type={pixels.dtype.name}"
+                      f"{unread}", file=out, flush=True)
+            elif invalid:
+                print(f"frames=0{unread}", file=out, flush=True)
             else:
                 print(f"frames=0 (no messages from {address})", file=out, flush=True)
             total += len(ids)

@@ -68,3 +68,15 @@ def check_block_bytes(block_bytes: int, itemsize: int) -> int:
         raise ValueError(f"block size {block_bytes} bytes is not a multiple of {8 * itemsize} "
                          f"(8 x {itemsize} bytes per pixel)")
     return block_bytes // itemsize
+
+
+def check_stream_address(address: str, *, any_port: bool = False) -> None:
+    """ValueError unless ``address`` is ``tcp://HOST:PORT`` with PORT 0..65535, what a live stream
+    binds (libzmq itself takes port 99999 as 34463, and -5 as 65531, without a word). With
+    ``any_port``, PORT may also be ``*`` (libzmq binds a free one)."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    if any_port and port == "*":
+        port = "0"
+    if not address.startswith("tcp://") or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address {address!r} is not allowed: a live stream is at tcp://HOST:PORT "
+                         "(e.g. tcp://0.0.0.0:9100; PORT 0..65535)")

@@ -34,7 +34,7 @@ from stddaq.bus.sockets import bind
 from stddaq.bus.subscriber import ImageSubscriber
 from stddaq.config import DetectorConfig
 from stddaq.errors import BufferMissingError, BusError, UsageError
-from stddaq.formats import FormatError
+from stddaq.formats import FormatError, check_stream_address
 from stddaq.formats.array10 import Array10Encoder
 from stddaq.formats.bsread import BsreadEncoder
 from stddaq.formats.compression import CodecError, bitshuffle_lz4_encode, check_chunk, decode
@@ -154,8 +154,10 @@ class LiveStream(Service):
         super().__init__(config, **kw)
         if stream_type not in FORMATS:
             raise UsageError(f"-t/--type {stream_type!r} is not allowed (allowed: {', '.join(FORMATS)})")
-        if not address.startswith("tcp://"):
-            raise UsageError(f"stream address {address!r} is not allowed: use tcp://HOST:PORT (e.g. tcp://*:9100)")
+        try:
+            check_stream_address(address, any_port=True)
+        except ValueError as exc:
+            raise UsageError(f"stream {exc}") from None
         config.channel(source_suffix)  # validates the suffixes before anything is created
         if metadata_suffix is not None:
             config.channel(metadata_suffix)
