@@ -14,9 +14,15 @@ or decompress, which also makes new bytes), then check the guard; an image overw
 is counted ``dropped_torn`` and not sent. The copy costs one memcpy, small next to TCP.
 
 Slow subscribers: the output is an XPUB with ``XPUB_NODROP`` set, sent without blocking. When a
-subscriber's queue is full (it is slow or stuck), that send fails at once; the image is then
-counted ``dropped_hwm`` (not delivered to at least one subscriber) and sent again in lossy mode, so
-every subscriber that has room gets it. Nothing ever waits for a subscriber.
+subscriber's queue is full (it is slow or stuck), that send fails at once; it is sent again in
+lossy mode, so every subscriber that has room gets it. Nothing ever waits for a subscriber.
+
+What ``dropped_hwm`` counts: the times a subscriber's queue was found full, not images. libzmq
+takes a queue the lossy send found full out of its sending set until its reader has taken part of
+it: the images sent meanwhile do not reach that subscriber, and libzmq neither refuses them nor
+says how many they were (a review measured 1252 images missed by a subscriber stopped for 4 s,
+with ``dropped_hwm`` 1). A subscriber sees what it missed as ids missing in its stream
+(``LiveStreamClient.stats["gaps"]``, ``stddaq watch``); the stream itself cannot count them.
 """
 
 from __future__ import annotations
@@ -287,7 +293,8 @@ class LiveStream(Service):
         try:
             sock.send(parts[0], zmq.SNDMORE | zmq.NOBLOCK)
         except zmq.Again:
-            # some subscriber's queue is full: it misses this image, the others get it
+            # some subscriber's queue is full: it misses this image and those until it has read part
+            # of its queue (not counted here, see the module docstring); the others get them
             self.counters.add("dropped_hwm")
             sock.setsockopt(zmq.XPUB_NODROP, 0)
             try:
