@@ -190,6 +190,23 @@ def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config
             subscriber.close()
 
 
+def test_an_image_without_pixels_is_invalid(make_config) -> None:
+    """A 0x0 image went on as good: the live stream sent "shape":[0,0], which its own decoders refuse."""
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        empty = image_metadata(config, 1)
+        empty.height = empty.size = 0
+        publisher.send(empty.SerializeToString())
+        publisher.publish_image(image_metadata(config, 2), ramp(2, config.shape, config.dtype))
+        assert subscriber.receive(timeout=5).image_id == 2
+        assert subscriber.stats.totals()["invalid"] == 1
+        assert subscriber.last_error == f"image 1: shape 0x{config.image_pixel_width} has no pixels"
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
 def test_count_complete_sees_only_what_the_ring_still_holds(make_config) -> None:
     config, _ = make_config(ram_buffer_slots=8)
     with ImagePublisher(config) as publisher:

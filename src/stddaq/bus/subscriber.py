@@ -306,6 +306,9 @@ class ImageSubscriber:
         size = metadata.size
         height, width = metadata.height, metadata.width
         raw_bytes = height * width * dtype.itemsize
+        if not raw_bytes:  # the decoders and formats refuse an image without pixels; it goes no further
+            self._invalid(f"image {image_id}: shape {height}x{width} has no pixels")
+            return None
         compressed = compression != _NONE
         if compressed and size == 0:
             self._invalid(f"image {image_id}: compressed with size 0 (a compressed image has bytes)")
