@@ -169,6 +169,30 @@ def test_images_made_whose_metadata_never_came_are_counted_missed(make_config) -
         publisher.close()
 
 
+def test_images_a_killed_writer_made_but_never_sent_are_counted_missed(make_config) -> None:
+    """A producer killed with images complete in its ring whose messages it had not sent: the
+    reader followed its restart (a new buffer) and nothing said those images were gone."""
+    config, _ = make_config(ram_buffer_slots=16)
+    subscriber = ImageSubscriber(config).connect()
+    try:
+        with ImagePublisher(config) as first:
+            assert first.wait_for_subscribers(1, timeout=5)
+            for image_id in range(3):
+                first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            assert [subscriber.receive(timeout=5).image_id for _ in range(3)] == [0, 1, 2]
+            for image_id in (3, 4):  # complete; the writer dies before their messages go
+                first.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        with ImagePublisher(config) as restarted:  # a new buffer; its ids begin again
+            # the reader resubscribes when its socket is used (libzmq handles the reconnect there)
+            assert wait_until(lambda: subscriber.receive(timeout=0.01) is None and restarted.subscriber_count() > 0)
+            restarted.publish_image(image_metadata(config, 0), ramp(0, config.shape, config.dtype))
+            assert subscriber.receive(timeout=5).image_id == 0
+        totals = subscriber.stats.totals()
+        assert totals["missed"] == 2 and totals["lost"] == 0, dict(totals)
+    finally:
+        subscriber.close()
+
+
 def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config) -> None:
     """-sm: the metadata comes from a filter (upstream's std_delay_filter) that forwards only some
     of the ring's images; the others are complete in the ring and skipped on purpose."""

@@ -161,13 +161,15 @@ class ImageSubscriber:
         self._newest_stale = self.buffer.newest_id()
         return self.buffer
 
-    def _replaced(self, force: bool = False) -> bool:
+    def _replaced(self, force: bool = False, last: int | None = None) -> bool:
         """The writer restarted: the name now points at a new shm object, re-map it.
 
         Checked when ids go back (forced) and at most every 0.2 s while slots look overwritten,
         so a reader that is simply behind does not pay a stat() per image. A new object its writer
         has not finished creating yet (size 0 for a moment) is not taken: False, and the buffer
-        mapped before stays.
+        mapped before stays. ``last``: the last id this reader got from the old one; what the old
+        one holds complete after it was made and never reached this reader (its writer was killed
+        before it sent them, or this reader's queue was full): counted missed.
         """
         now = time.monotonic()
         if not force and now < self._next_inode_check:
@@ -175,6 +177,7 @@ class ImageSubscriber:
         self._next_inode_check = now + 0.2
         inode = _inode(self.layout.name)
         if inode is not None and inode != self._buffer_inode:
+            old, stale = self.buffer, self._newest_stale
             try:
                 self._attach()
             except BufferMissingError:  # its writer is still creating it: not usable yet, try again later
@@ -188,6 +191,8 @@ class ImageSubscriber:
                         self.buffer.close()  # the old writer's slots: nothing in them is vouched for any more
                 return False
             log.info("/dev/shm/%s was re-created by its writer; re-attached", self.layout.name)
+            if old is not None and last is not None:  # the messages of the old one came in order, all before
+                self._count_missed(old, max(last + 1, stale + 1), old.newest_id() + 1, "after")
             return True
         return False
 
@@ -335,7 +340,7 @@ class ImageSubscriber:
         if last is not None and image_id != last + 1:
             if image_id <= last:
                 previous = buffer
-                self._replaced(force=True)  # ids went back: a new run, maybe a new buffer
+                self._replaced(force=True, last=last)  # ids went back: a new run, maybe a new buffer
                 buffer = self.buffer
                 if buffer is previous:  # the same buffer: until the new run has filled every slot
                     # once (ids are consecutive), a slot may still hold a higher id of the run before
@@ -345,29 +350,33 @@ class ImageSubscriber:
                 gap_from = last + 1
         self._last_id = image_id
         if not buffer.holds(image_id):
-            if not (self._replaced() and self.buffer.holds(image_id)):
+            if not (self._replaced(last=last) and self.buffer.holds(image_id)):
                 self.stats.add("lost")
                 return None
             buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
         elif gap_from is not None:
             gap_from = max(gap_from, self._newest_stale + 1)  # ids an earlier run left in it prove nothing
-        if gap_from is not None and self._same_channel:
-            self._count_missed(buffer, gap_from, image_id)
+        if gap_from is not None:
+            self._count_missed(buffer, gap_from, image_id, "below")
         self.stats.processed(size or raw_bytes)
         if compressed:
             return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
         return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
 
 
-    def _count_missed(self, buffer: RamBuffer, first: int, image_id: int) -> None:
-        """Of the ids ``first`` .. ``image_id - 1`` this reader never got, count those the buffer
-        holds complete: made and published, and lost here (gaps alone cannot tell, ids may step)."""
-        missed = buffer.count_complete(first, image_id)
+    def _count_missed(self, buffer: RamBuffer, first: int, stop: int, where: str) -> None:
+        """Of the ids ``first`` .. ``stop - 1`` this reader never got, count those the buffer
+        holds complete: made and published, and lost here (gaps alone cannot tell, ids may step).
+        ``where``: "below" the id that came after them, or "after" the last one of a replaced buffer."""
+        if not self._same_channel:  # behind a filter that republishes some images, skipped ids are normal
+            return
+        missed = buffer.count_complete(first, stop)
         if missed:
             self.stats.add("missed", missed)
-            self.stats.warn("missed", log, "%s: %d image(s) below %d are complete in /dev/shm/%s but their metadata "
-                            "never reached this reader (its connection was down or its queue full): counted "
-                            "missed", self.address, missed, image_id, self.layout.name)
+            self.stats.warn("missed", log, "%s: %d image(s) %s %d are complete in /dev/shm/%s but their metadata "
+                            "never reached this reader (its connection was down, its queue full, or its writer was "
+                            "killed before it sent them): counted missed", self.address, missed, where,
+                            stop if where == "below" else first - 1, self.layout.name)
 
 
 def _inode(name: str) -> int | None:
