@@ -597,15 +597,36 @@ def test_a_second_process_on_a_writers_socket_ends_the_run_and_refuses_the_next(
             _publish_ramps(publisher, config, range(5, 40))
             reply = session.status("file_saved", "error", timeout=30)
         assert reply["status"] == "error", session.transcript[-5:]
-        assert "2 processes were connected as writer 0" in reply["reason"], reply
+        assert "2 processes are connected as writer 0" in reply["reason"], reply
         assert "is a second std_det_writer 0 running?" in reply["reason"], reply
         session.status("idle")
         (d.run_dir / "again").mkdir()
         session.send({"command": "start", "path": str(d.run_dir / "again"), "n_image": 5})
         reply = session.status("error", "waiting_for_first_image", timeout=30)
-        assert reply["status"] == "error" and "2 processes were connected as writer 0" in reply["reason"], reply
+        assert reply["status"] == "error" and "2 processes are connected as writer 0" in reply["reason"], reply
     finally:
         rogue.close(0)
+
+
+def test_a_second_driver_is_refused_at_once_and_the_running_recording_goes_on(deployment, service) -> None:
+    """A second std_det_driver of the same config (an operator's mistake): its probe of the
+    writer socket's name counted as a second writer and ended the running recording, and the
+    refused driver hung in zmq's term() (its half-made writer link left its sockets open)."""
+    from stddaq.bus.sockets import ipc_in_use
+
+    d = deployment(1, ram_buffer_slots=64)
+    config, session = d.config, d.session
+    with recording_source(d, n_image=30) as publisher:
+        _publish_ramps(publisher, config, range(10))
+        second = service(DRIVER, d.path, "--host", "127.0.0.1", "-p", free_port())
+        assert second.wait(timeout=30) != 0
+        _, err = second.output()
+        assert "another process listens there" in err, err[-2000:]
+        for _ in range(20):  # what bind() and stddaq up do to see whether a name is in use
+            assert ipc_in_use(config.ipc_address("driver-0"))
+        _publish_ramps(publisher, config, range(10, 30))
+        reply = session.status("file_saved", "error", timeout=30)
+    assert reply["status"] == "file_saved", session.transcript[-5:]
 
 
 def test_a_driver_shut_down_mid_run_does_not_say_file_saved(deployment, service) -> None:

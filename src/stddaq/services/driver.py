@@ -105,9 +105,8 @@ class WriterLink:
         self.action_address = config.ipc_address(f"driver-{key}")
         self.response_address = config.ipc_address(f"writer-{key}")
         self.peers = 0
-        #: the most writers connected at once since the last ``crowded()``: a second process of
-        #: this writer id would be handed every other image by the PUSH (and then take them away)
-        self.most_peers = 0
+        #: checks in a row that found more than one process connected (see ``crowded``)
+        self._crowded_checks = 0
         self.outstanding = 0  # requests sent whose answer has not come yet (answers come in order)
         self.asked_at = 0.0  # when the oldest outstanding request was sent
         self.last_sent_id = -1  # the id of the last image handed to this writer (this run)
@@ -120,14 +119,18 @@ class WriterLink:
         push.setsockopt(zmq.LINGER, 0)
         push.setsockopt(zmq.SNDHWM, hwm)
         self.push = push
-        self.monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        bind(push, self.action_address, f"the action socket of {self.name}")
-        self._bound = True
-        pull = ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.RECONNECT_IVL, 20)
-        pull.connect(self.response_address)
-        self.pull = pull
+        try:
+            self.monitor = push.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            bind(push, self.action_address, f"the action socket of {self.name}")
+            self._bound = True
+            pull = ctx.socket(zmq.PULL)
+            pull.setsockopt(zmq.LINGER, 0)
+            pull.setsockopt(zmq.RECONNECT_IVL, 20)
+            pull.connect(self.response_address)
+            self.pull = pull
+        except BaseException:  # its sockets left open would hang the context's term() for ever
+            self.close()
+            raise
 
     def update(self) -> int:
         """Read the monitor's connect/disconnect events; returns the writers connected now."""
@@ -135,7 +138,6 @@ class WriterLink:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self.peers += 1
-                self.most_peers = max(self.most_peers, self.peers)
             elif event == zmq.EVENT_DISCONNECTED:
                 self.peers = max(0, self.peers - 1)
                 if self.peers == 0:  # what it owed goes with its process: a new one answers only its own
@@ -143,13 +145,16 @@ class WriterLink:
         return self.peers
 
     def crowded(self) -> str | None:
-        """Why this link cannot be trusted with images, if more than one process was connected
-        at once since the last call (the PUSH shares images between its peers)."""
-        most, self.most_peers = self.most_peers, self.peers
-        if most <= 1:
-            return None
-        return (f"{most} processes were connected as {self.name} to {self.action_address} at once: the images "
-                f"are shared between them (is a second std_det_writer {self.key} running?)")
+        """Why this link cannot be trusted with images: more than one process connected at two
+        checks in a row (a second process of this writer id gets every other image from the PUSH).
+        One check is not enough: a probe whether the name is in use (``bind``'s, ``stddaq up``'s)
+        connects for a moment, takes nothing and goes."""
+        self._crowded_checks = self._crowded_checks + 1 if self.peers > 1 else 0
+        return self.crowding() if self._crowded_checks >= 2 else None
+
+    def crowding(self) -> str:
+        return (f"{self.peers} processes are connected as {self.name} to {self.action_address}: the images are "
+                f"shared between them (is a second std_det_writer {self.key} running?)")
 
     def send(self, payload: bytes) -> bool:
         try:
@@ -275,7 +280,8 @@ class WriterDriver(Service):
         hwm = max(1000, self.config.n_slots)  # a deeper queue than the ring is of no use
         if self.with_meta:
             self.meta_link = WriterLink(self.ctx, self.config, "meta", hwm)
-        self.links = [WriterLink(self.ctx, self.config, str(i), hwm) for i in range(self.config.number_of_writers)]
+        for i in range(self.config.number_of_writers):  # one by one: _close closes those made if one fails
+            self.links.append(WriterLink(self.ctx, self.config, str(i), hwm))
         self._thread = threading.Thread(target=self._control_thread, name="driver-websocket", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -419,17 +425,17 @@ class WriterDriver(Service):
 
     def _create_files(self, start: StartCommand) -> None:
         for link in self._all_links():
-            link.update()  # first: a writer gone since owes nothing
-            if link.drain():
+            if link.update() > 1:  # maybe a probe of the name (see crowded): look again a moment later
+                time.sleep(CHECK_PERIOD)
+                if link.update() > 1:
+                    raise RunFailed(link.crowding())
+            if link.drain():  # after update(): a writer gone since owes nothing
                 log.warning("%s: dropped answers left from an earlier run", link.name)
             if link.outstanding:
                 self._wait_for_owed_answers(link)
             if link.update() == 0:
                 raise RunFailed(f"{link.name} is not running: nothing is connected to {link.action_address} "
                                 f"(start: std_det_writer <config> {link.key})")
-            link.most_peers = link.peers  # who was there between runs does not matter, who is there now does
-            if (crowded := link.crowded()) is not None:
-                raise RunFailed(crowded)
         for link in self._all_links():
             path = start.meta_file if link is self.meta_link else start.raw_file(int(link.key))
             action = WriterAction(create_file={"path": str(path), "writer_id": start.writer_id})
