@@ -193,6 +193,40 @@ def test_images_a_killed_writer_made_but_never_sent_are_counted_missed(make_conf
         subscriber.close()
 
 
+def test_an_earlier_runs_leftovers_are_not_counted_missed(make_config) -> None:
+    """Review of the missed count: a new run in the same buffer whose ids step found the
+    earlier run's ids complete in the slots it skipped (12 counted missed, none was); and a
+    short run, then a re-created buffer, counted 6 of the run before it."""
+    config, _ = make_config(ram_buffer_slots=16)
+    publisher, subscriber = _pair(config)
+    got = []
+
+    def send(ids) -> None:
+        for image_id in ids:
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            got.append(subscriber.receive(timeout=5).image_id)
+
+    try:
+        send(range(40))
+        send(range(0, 41, 4))  # a new run, ids step: the slots it skips hold the run before's ids
+        assert subscriber.stats.totals()["missed"] == 0
+        send(range(5))  # a short run; then the writer restarts with a new buffer
+        publisher.close()
+        publisher = ImagePublisher(config).open()
+        assert wait_until(lambda: subscriber.receive(timeout=0.01) is None and publisher.subscriber_count() > 0)
+        send(range(3))
+        totals = subscriber.stats.totals()
+        assert totals["missed"] == 0 and totals["lost"] == 0, dict(totals)
+        # a ring's worth of consecutive ids rewrote every slot: a gap is looked at again
+        send(range(3, 3 + 16))
+        publisher.write_image(image_metadata(config, 19), ramp(19, config.shape, config.dtype))
+        send([20])
+        assert subscriber.stats.totals()["missed"] == 1
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
 def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config) -> None:
     """-sm: the metadata comes from a filter (upstream's std_delay_filter) that forwards only some
     of the ring's images; the others are complete in the ring and skipped on purpose."""

@@ -33,6 +33,18 @@ def test_start_with_only_path_gets_the_upstream_defaults() -> None:
     assert command.master_file == Path("/data/run1/file_master.h5")
 
 
+@pytest.mark.parametrize("extra", ["start_time", "start_ts", "image", "writer", "comment", "file_prefx"])
+def test_other_fields_are_ignored_as_upstream_does(extra: str) -> None:
+    """Only a start field misspelt is refused; the first rule (close in spelling) refused
+    reasonable extra fields a client may send (start_time: "did you mean 'start_id'?")."""
+    command = parse_command(json.dumps({"command": "start", "path": "/d", extra: 1}))
+    assert command.path == "/d" and command.start_id == 0
+
+
+def test_a_misspelt_field_beside_the_right_one_is_ignored() -> None:
+    assert parse_command(json.dumps({"command": "start", "path": "/d", "paths": ["/d"]})).path == "/d"
+
+
 def test_start_with_every_field_and_stop() -> None:
     command = parse_command(json.dumps({"command": "start", "path": "/d", "file_prefix": "scan.", "n_image": 5,
                                         "writer_id": 1000, "start_id": 77, "extra": "ignored"}))
@@ -60,7 +72,7 @@ def test_start_with_every_field_and_stop() -> None:
     # a misspelt field would leave its default (n_image: record until stop): refused, the right name said
     ('{"command": "start", "path": "/d", "n_images": 10}', "unknown field 'n_images': did you mean 'n_image'?"),
     ('{"command": "start", "path": "/d", "startid": 5}', "unknown field 'startid': did you mean 'start_id'?"),
-    ('{"command": "start", "path": "/d", "file_prefx": "a"}', "did you mean 'file_prefix'?"),
+    ('{"command": "start", "path": "/d", "N-Image": 3}', "did you mean 'n_image'?"),
     # what json cannot parse within Python's limits is bad JSON too (it ended the client's connection)
     pytest.param("[" * 100_000, "nested too deeply", id="deep-nesting"),
     pytest.param('{"command": "start", "path": "/d", "n_image": ' + "9" * 5000 + "}", "not valid JSON",

@@ -105,6 +105,14 @@ class ImageSubscriber:
         self.last_error: str | None = None
         self._last_id: int | None = None
         self._newest_stale = -1  # see overtaken_within
+        #: for the missed count: ids up to this one may be an earlier run's leftovers in the buffer
+        #: (the newest id in it when it was mapped, or when ids went back), until the reader has
+        #: seen a ring's worth of consecutive ids since ``_gapless_since`` (every slot rewritten)
+        self._missed_stale = -1
+        self._gapless_since: int | None = None
+        #: (old buffer, first id) after a re-attach: what the old one holds complete from that id on
+        #: was never sent to this reader; counted once the new one's first image is taken
+        self._left: tuple[RamBuffer, int] | None = None
         self._refused_inode: int | None = None  # a re-created buffer found unusable (see _replaced)
         self._slot = self.layout.slot_n_bytes
 
@@ -158,7 +166,7 @@ class ImageSubscriber:
         new = RamBuffer.attach(self.layout, created_by=self.created_by)
         self.buffer = new
         self._buffer_inode = _inode(self.layout.name)
-        self._newest_stale = self.buffer.newest_id()
+        self._newest_stale = self._missed_stale = self.buffer.newest_id()
         return self.buffer
 
     def _replaced(self, force: bool = False, last: int | None = None) -> bool:
@@ -169,7 +177,7 @@ class ImageSubscriber:
         has not finished creating yet (size 0 for a moment) is not taken: False, and the buffer
         mapped before stays. ``last``: the last id this reader got from the old one; what the old
         one holds complete after it was made and never reached this reader (its writer was killed
-        before it sent them, or this reader's queue was full): counted missed.
+        before it sent them, or this reader's queue was full): counted missed (``_accept``).
         """
         now = time.monotonic()
         if not force and now < self._next_inode_check:
@@ -177,7 +185,7 @@ class ImageSubscriber:
         self._next_inode_check = now + 0.2
         inode = _inode(self.layout.name)
         if inode is not None and inode != self._buffer_inode:
-            old, stale = self.buffer, self._newest_stale
+            old, stale = self.buffer, self._missed_stale
             try:
                 self._attach()
             except BufferMissingError:  # its writer is still creating it: not usable yet, try again later
@@ -191,8 +199,8 @@ class ImageSubscriber:
                         self.buffer.close()  # the old writer's slots: nothing in them is vouched for any more
                 return False
             log.info("/dev/shm/%s was re-created by its writer; re-attached", self.layout.name)
-            if old is not None and last is not None:  # the messages of the old one came in order, all before
-                self._count_missed(old, max(last + 1, stale + 1), old.newest_id() + 1, "after")
+            if old is not None and last is not None:
+                self._left = (old, max(last + 1, stale + 1))
             return True
         return False
 
@@ -345,24 +353,43 @@ class ImageSubscriber:
                 if buffer is previous:  # the same buffer: until the new run has filled every slot
                     # once (ids are consecutive), a slot may still hold a higher id of the run before
                     self._newest_stale = image_id + self.layout.n_slots - 1
+                    self._missed_stale = buffer.newest_id()
+                self._gapless_since = image_id
             else:
                 self.stats.add("gaps", image_id - last - 1)
                 gap_from = last + 1
+        elif last is None:
+            self._gapless_since = image_id
         self._last_id = image_id
         if not buffer.holds(image_id):
             if not (self._replaced(last=last) and self.buffer.holds(image_id)):
                 self.stats.add("lost")
+                if self._left is not None and image_id >= self._left[1]:  # the old buffer's: it came
+                    self._left = (self._left[0], image_id + 1)
                 return None
             buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
+            self._gapless_since = image_id
         elif gap_from is not None:
-            gap_from = max(gap_from, self._newest_stale + 1)  # ids an earlier run left in it prove nothing
+            gap_from = self._unstale(gap_from, last, image_id)
         if gap_from is not None:
             self._count_missed(buffer, gap_from, image_id, "below")
+        if self._left is not None:  # the new buffer's first image: the old one's messages all came
+            old, first = self._left  # before it (a SUB keeps one pipe across reconnects)
+            self._left = None
+            self._count_missed(old, first, old.newest_id() + 1, "after")
         self.stats.processed(size or raw_bytes)
         if compressed:
             return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
         return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
 
+
+    def _unstale(self, first: int, last: int, image_id: int) -> int:
+        """The first id of the gap ``first`` .. ``image_id - 1`` that cannot be an earlier run's
+        leftover (see ``_missed_stale``); the gap ends a stretch of consecutive ids at ``last``."""
+        since, self._gapless_since = self._gapless_since, image_id
+        if since is not None and last - since + 1 >= self.layout.n_slots:
+            self._missed_stale = -1  # a ring's worth of consecutive ids rewrote every slot
+        return max(first, self._missed_stale + 1)
 
     def _count_missed(self, buffer: RamBuffer, first: int, stop: int, where: str) -> None:
         """Of the ids ``first`` .. ``stop - 1`` this reader never got, count those the buffer

@@ -9,7 +9,6 @@ driver pushes. The driver service (services/driver.py) wires these to its socket
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import pwd
@@ -124,16 +123,24 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
 
 
 def _check_keys(data: dict[str, Any]) -> None:
-    """A field that looks like a misspelt start field is refused (``n_images`` would otherwise
-    leave the default n_image, and the run record until stop). Other fields are ignored, as
-    upstream's driver does: a client may send more than the driver reads."""
+    """A field that is a start field misspelt (``n_images``, ``startid``, ``N_Image``: the same but
+    for case, ``_``/``-`` and a trailing ``s``) while that field is missing is refused: it would
+    leave the default (n_image: record until stop). Other fields are ignored, as upstream's
+    driver does: a client may send more than the driver reads."""
     for key in data:
         if key in START_KEYS or key == "command":
             continue
-        meant = difflib.get_close_matches(str(key).lower(), START_KEYS, n=1, cutoff=0.75)
-        if meant:
-            raise CommandError(f"start: unknown field {key!r}: did you mean {meant[0]!r}? (start fields: "
+        meant = _SPELLINGS.get(_spelling(str(key)))
+        if meant is not None and meant not in data:
+            raise CommandError(f"start: unknown field {key!r}: did you mean {meant!r}? (start fields: "
                                f"{', '.join(START_KEYS)})")
+
+
+def _spelling(key: str) -> str:
+    return key.lower().replace("_", "").replace("-", "").removesuffix("s")
+
+
+_SPELLINGS = {_spelling(key): key for key in START_KEYS}
 
 
 def status_message(status: Status, *, count: int = 0, reason: str | None = None) -> dict[str, Any]:
