@@ -110,9 +110,6 @@ class ImageSubscriber:
         #: seen a ring's worth of consecutive ids since ``_gapless_since`` (every slot rewritten)
         self._missed_stale = -1
         self._gapless_since: int | None = None
-        #: (old buffer, first id) after a re-attach: what the old one holds complete from that id on
-        #: was never sent to this reader; counted once the new one's first image is taken
-        self._left: tuple[RamBuffer, int] | None = None
         self._refused_inode: int | None = None  # a re-created buffer found unusable (see _replaced)
         self._slot = self.layout.slot_n_bytes
 
@@ -175,9 +172,12 @@ class ImageSubscriber:
         Checked when ids go back (forced) and at most every 0.2 s while slots look overwritten,
         so a reader that is simply behind does not pay a stat() per image. A new object its writer
         has not finished creating yet (size 0 for a moment) is not taken: False, and the buffer
-        mapped before stays. ``last``: the last id this reader got from the old one; what the old
-        one holds complete after it was made and never reached this reader (its writer was killed
-        before it sent them, or this reader's queue was full): counted missed (``_accept``).
+        mapped before stays. ``last``: the last id this reader got from the old one. When ids went
+        back (``force``), this message is the new writer's, and every message of the old one came
+        before it (a SUB keeps one pipe across reconnects): what the old one holds complete after
+        ``last`` was made and never reached this reader (its writer was killed before it sent
+        them): counted missed. Not when an old message found its slot overwritten: the old one's
+        later messages may still be on their way.
         """
         now = time.monotonic()
         if not force and now < self._next_inode_check:
@@ -199,8 +199,8 @@ class ImageSubscriber:
                         self.buffer.close()  # the old writer's slots: nothing in them is vouched for any more
                 return False
             log.info("/dev/shm/%s was re-created by its writer; re-attached", self.layout.name)
-            if old is not None and last is not None:
-                self._left = (old, max(last + 1, stale + 1))
+            if force and old is not None and last is not None:
+                self._count_missed(old, max(last + 1, stale + 1), old.newest_id() + 1, "after")
             return True
         return False
 
@@ -364,8 +364,6 @@ class ImageSubscriber:
         if not buffer.holds(image_id):
             if not (self._replaced(last=last) and self.buffer.holds(image_id)):
                 self.stats.add("lost")
-                if self._left is not None and image_id >= self._left[1]:  # the old buffer's: it came
-                    self._left = (self._left[0], image_id + 1)
                 return None
             buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
             self._gapless_since = image_id
@@ -373,10 +371,6 @@ class ImageSubscriber:
             gap_from = self._unstale(gap_from, last, image_id)
         if gap_from is not None:
             self._count_missed(buffer, gap_from, image_id, "below")
-        if self._left is not None:  # the new buffer's first image: the old one's messages all came
-            old, first = self._left  # before it (a SUB keeps one pipe across reconnects)
-            self._left = None
-            self._count_missed(old, first, old.newest_id() + 1, "after")
         self.stats.processed(size or raw_bytes)
         if compressed:
             return Image(metadata, buffer.slot_bytes(image_id, size), buffer)

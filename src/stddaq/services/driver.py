@@ -106,7 +106,7 @@ class WriterLink:
         self.response_address = config.ipc_address(f"writer-{key}")
         self.peers = 0
         #: checks in a row that found more than one process connected (see ``crowded``)
-        self._crowded_checks = 0
+        self.crowded_checks = 0
         self.outstanding = 0  # requests sent whose answer has not come yet (answers come in order)
         self.asked_at = 0.0  # when the oldest outstanding request was sent
         self.last_sent_id = -1  # the id of the last image handed to this writer (this run)
@@ -149,8 +149,8 @@ class WriterLink:
         checks in a row (a second process of this writer id gets every other image from the PUSH).
         One check is not enough: a probe whether the name is in use (``bind``'s, ``stddaq up``'s)
         connects for a moment, takes nothing and goes."""
-        self._crowded_checks = self._crowded_checks + 1 if self.peers > 1 else 0
-        return self.crowding() if self._crowded_checks >= 2 else None
+        self.crowded_checks = self.crowded_checks + 1 if self.peers > 1 else 0
+        return self.crowding() if self.crowded_checks >= 2 else None
 
     def crowding(self) -> str:
         return (f"{self.peers} processes are connected as {self.name} to {self.action_address}: the images are "
@@ -425,6 +425,7 @@ class WriterDriver(Service):
 
     def _create_files(self, start: StartCommand) -> None:
         for link in self._all_links():
+            link.crowded_checks = 0  # a new count: a probe seen at the last check of the run before is gone
             if link.update() > 1:  # maybe a probe of the name (see crowded): look again a moment later
                 time.sleep(CHECK_PERIOD)
                 if link.update() > 1:

@@ -124,7 +124,7 @@ def _parse_start(data: dict[str, Any]) -> StartCommand:
 
 def _check_keys(data: dict[str, Any]) -> None:
     """A field that is a start field misspelt (``n_images``, ``startid``, ``N_Image``: the same but
-    for case, ``_``/``-`` and a trailing ``s``) while that field is missing is refused: it would
+    for case, ``_``/``-``/spaces and a trailing ``s``) while that field is missing is refused: it would
     leave the default (n_image: record until stop). Other fields are ignored, as upstream's
     driver does: a client may send more than the driver reads."""
     for key in data:
@@ -137,7 +137,7 @@ def _check_keys(data: dict[str, Any]) -> None:
 
 
 def _spelling(key: str) -> str:
-    return key.lower().replace("_", "").replace("-", "").removesuffix("s")
+    return key.lower().replace("_", "").replace("-", "").replace(" ", "").removesuffix("s")
 
 
 _SPELLINGS = {_spelling(key): key for key in START_KEYS}
