@@ -376,7 +376,6 @@ class ImageSubscriber:
             return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
         return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
 
-
     def _unstale(self, first: int, last: int, image_id: int) -> int:
         """The first id of the gap ``first`` .. ``image_id - 1`` that cannot be an earlier run's
         leftover (see ``_missed_stale``); the gap ends a stretch of consecutive ids at ``last``."""
