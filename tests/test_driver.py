@@ -340,6 +340,37 @@ def test_not_writable_for_the_requested_user(deployment) -> None:
     assert "not writable by user id 65534" in reply["reason"]
 
 
+def test_the_start_queue_survives_signals_at_any_moment(make_config) -> None:
+    """The driver sometimes did not stop at SIGTERM (CI: test_readme, the record test): its data
+    loop waited in queue.SimpleQueue.get(timeout=0.05), which in CPython 3.11 waits for ever when
+    a signal lands just before the deadline, so the loop never saw its stop flag. The driver's
+    start queue, waited on with short timeouts under a storm of signals, must always come back."""
+    _, path = make_config(number_of_writers=1)
+    code = f"""
+import os, queue, signal, threading, time
+from stddaq.config import DetectorConfig
+from stddaq.services.driver import WriterDriver
+starts = WriterDriver(DetectorConfig.load({str(path)!r}))._starts
+signal.signal(signal.SIGUSR1, lambda *a: None)
+done = threading.Event()
+def storm():
+    while not done.is_set():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.0005)
+threading.Thread(target=storm, daemon=True).start()
+end = time.monotonic() + 5
+while time.monotonic() < end:
+    try:
+        starts.get(timeout=0.001)
+    except queue.Empty:
+        pass
+done.set()
+print("came back")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "came back" in out.stdout, out.stderr[-2000:]
+
+
 def test_driver_bad_arguments_exit_2(make_config, service) -> None:
     config, path = make_config(number_of_writers=0)
     driver = service(DRIVER, path, "-p", free_port())

@@ -265,7 +265,10 @@ class WriterDriver(Service):
         self._reason: str | None = None
         self._status_since = 0.0
         self.count = 0
-        self._starts: queue.SimpleQueue[StartCommand] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: CPython 3.11's SimpleQueue.get(timeout) waits for ever when a
+        # signal lands just before its deadline (the data loop then never saw SIGTERM: a driver that
+        # did not stop, seen in CI now and then since the fourth session)
+        self._starts: queue.Queue[StartCommand] = queue.Queue()
         self._stop_recording = threading.Event()
         # control plane
         self._thread: threading.Thread | None = None
