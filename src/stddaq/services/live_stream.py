@@ -60,7 +60,7 @@ MAX_HWM = 1000
 ZERO_COPY_MIN_BYTES = 256 * 1024
 #: Why a selected image was not sent. Images overwritten before the live stream read them are
 #: the subscriber's ``lost``, in the same stats line (counted before selection).
-DROP_REASONS = ("dropped_torn", "dropped_hwm", "dropped_dtype", "dropped_decode")
+DROP_REASONS = ("dropped_torn", "dropped_hwm", "dropped_dtype", "dropped_decode", "dropped_format")
 _H5BSLZ4 = int(ImageMetadataCompression.h5bitshuffle_lz4)
 _NONE = int(ImageMetadataCompression.none)
 
@@ -267,8 +267,11 @@ class LiveStream(Service):
                 return
         try:
             parts = self.encode(metadata, data)
-        except FormatError as exc:
+        except _DtypeError as exc:
             self._drop("dropped_dtype", str(exc))
+            return
+        except FormatError as exc:  # a metadata value the format cannot carry (a pco timestamp of 2**63)
+            self._drop("dropped_format", f"image {metadata.image_id}: {exc}")
             return
         except CodecError as exc:
             self._drop("dropped_decode", f"image {metadata.image_id}: {exc}")
@@ -319,7 +322,8 @@ class LiveStream(Service):
     def encode(self, metadata: ImageMetadata, data: np.ndarray) -> list:
         """The message parts of one image, in new memory (never a view of the slot).
 
-        FormatError: the dtype cannot be carried; CodecError: a compressed image does not decode.
+        _DtypeError (a FormatError): the pixel type cannot be carried; FormatError: a metadata value
+        the format cannot carry; CodecError: a compressed image does not decode.
         """
         dtype = numpy_dtype(metadata.dtype)
         shape = (metadata.height, metadata.width)
@@ -357,8 +361,16 @@ class LiveStream(Service):
         if encoder is None:
             if len(self._encoders) > 16:
                 self._encoders.clear()
-            encoder = self._encoders[key] = kind(shape, dtype)
+            try:
+                encoder = kind(shape, dtype)
+            except FormatError as exc:
+                raise _DtypeError(str(exc)) from None
+            self._encoders[key] = encoder
         return encoder
+
+
+class _DtypeError(FormatError):
+    """The stream format cannot carry the image's pixel type (counted dropped_dtype)."""
 
 
 # ---------------------------------------------------------------- command line
