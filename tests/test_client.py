@@ -54,49 +54,13 @@ def test_watch_prints_ids_rate_and_gaps(make_config, service) -> None:
     assert "ids=0.." in with_frames[0] and "shape=[8, 12] type=uint16" in with_frames[0]
 
 
-def test_watch_says_messages_it_cannot_read(make_config) -> None:
-    """Messages that came but were no stream message (a 2-channel bsread source) were shown as
-    `frames=0 (no messages from ...)`: the user looked for a network problem."""
+def _watch_a_sender(message, duration: float) -> str:
+    """What ``watch`` prints for ``duration`` s of a PUB sending ``message(i)`` every 10 ms."""
     import io
     import threading
 
     from stddaq.client.stream import watch
 
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    done = threading.Event()
-
-    def send() -> None:
-        while not done.is_set():
-            pub.send_multipart([b'{"htype": "not-a-stream"}', b"x"])
-            time.sleep(0.01)
-
-    sender = threading.Thread(target=send)
-    sender.start()
-    out = io.StringIO()
-    try:
-        watch(f"tcp://127.0.0.1:{port}", duration=1.2, out=out)
-    finally:
-        done.set()
-        sender.join()
-        pub.close(0)
-        ctx.term()
-    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("frames=")]
-    assert any(ln.startswith("frames=0 invalid=") and "(last: " in ln for ln in lines), lines
-    assert not any("no messages" in ln for ln in lines[1:]), lines
-
-
-def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
-    """--duration 1.5: the last line covers half a second; its rate was divided by a whole one
-    (100 Hz shown as ~50)."""
-    import io
-    import threading
-
-    from stddaq.client.stream import watch
-
-    config, _ = make_config(image_pixel_height=8, image_pixel_width=12)
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
@@ -106,7 +70,7 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     def send() -> None:
         image_id = 0
         while not done.is_set():
-            pub.send_multipart(array10.encode(image_id, ramp(image_id, config.shape, config.dtype)))
+            pub.send_multipart(message(image_id))
             image_id += 1
             time.sleep(0.01)
 
@@ -114,13 +78,30 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     sender.start()
     out = io.StringIO()
     try:
-        watch(f"tcp://127.0.0.1:{port}", duration=1.5, out=out)
+        watch(f"tcp://127.0.0.1:{port}", duration=duration, out=out)
     finally:
         done.set()
         sender.join()
         pub.close(0)
         ctx.term()
-    last = [ln for ln in out.getvalue().splitlines() if ln.startswith("frames=")][-1]
+    return out.getvalue()
+
+
+def test_watch_says_messages_it_cannot_read() -> None:
+    """Messages that came but were no stream message (a 2-channel bsread source) were shown as
+    `frames=0 (no messages from ...)`: the user looked for a network problem."""
+    out = _watch_a_sender(lambda _: [b'{"htype": "not-a-stream"}', b"x"], 1.2)
+    lines = [ln for ln in out.splitlines() if ln.startswith("frames=")]
+    assert any(ln.startswith("frames=0 invalid=") and "(last: " in ln for ln in lines), lines
+    assert not any("no messages" in ln for ln in lines[1:]), lines
+
+
+def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
+    """--duration 1.5: the last line covers half a second; its rate was divided by a whole one
+    (100 Hz shown as ~50)."""
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12)
+    out = _watch_a_sender(lambda i: array10.encode(i, ramp(i, config.shape, config.dtype)), 1.5)
+    last = [ln for ln in out.splitlines() if ln.startswith("frames=")][-1]
     frames, rate = int(last.split()[0].split("=")[1]), float(last.split()[1].split("=")[1])
     assert frames > 10 and rate > 1.6 * frames, last  # about frames / 0.5 s
 

@@ -383,6 +383,13 @@ def test_driver_bad_arguments_exit_2(make_config, service) -> None:
 
 
 # ---------------------------------------------------------------------- failures during a run
+def _recording_from_a_simulator(d: Deployment, service, **start) -> None:
+    """A simulator at 200 Hz, a run started on ``d`` (``start``: more fields), 50 images recorded."""
+    service(SIM, d.path, "--rate", 200)
+    start_when_writers_ready(d.session, {"command": "start", "path": str(d.run_dir), **start})
+    d.session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+
+
 def test_start_while_recording_is_rejected(deployment, service) -> None:
     d = deployment(1, ram_buffer_slots=500)
     _config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
@@ -399,11 +406,9 @@ def test_start_while_recording_is_rejected(deployment, service) -> None:
 
 def test_writer_killed_mid_run_ends_in_error_within_5s(deployment, service) -> None:
     d = deployment(2, ram_buffer_slots=500)
-    config, path, session, run_dir = d.config, d.path, d.session, d.run_dir
+    config, session, run_dir = d.config, d.session, d.run_dir
     det = config.detector_name
-    service(SIM, path, "--rate", 200)
-    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
-    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    _recording_from_a_simulator(d, service)
     writer1 = d.writers[1].proc
     killed_at = time.monotonic()
     writer1.send_signal(signal.SIGKILL)
@@ -429,9 +434,7 @@ def test_a_hung_writer_ends_the_run_once_the_source_overwrote_its_images(deploym
     its images were overwritten in the ring within a second."""
     d = deployment(2, ram_buffer_slots=100)
     session, run_dir = d.session, d.run_dir
-    service(SIM, d.path, "--rate", 200)
-    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
-    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    _recording_from_a_simulator(d, service)
     writer1 = d.writers[1].proc
     paused_at = time.monotonic()
     writer1.send_signal(signal.SIGSTOP)
@@ -455,9 +458,7 @@ def test_a_writer_that_hung_in_a_run_answers_the_next_one_only_for_itself(deploy
     reason (or a FAILURE-free stale answer passed for a file never created)."""
     d = deployment(1, ram_buffer_slots=100)
     session, run_dir = d.session, d.run_dir
-    service(SIM, d.path, "--rate", 200)
-    start_when_writers_ready(session, {"command": "start", "path": str(run_dir)})
-    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    _recording_from_a_simulator(d, service)
     writer = d.writers[0].proc
     writer.send_signal(signal.SIGSTOP)
     try:
@@ -489,9 +490,7 @@ def test_a_metadata_writer_slow_for_a_moment_does_not_end_the_run(deployment, se
     1.5 s stall of it (a metadata file system) ended the run as if it had lost images."""
     d = deployment(1, meta=True, ram_buffer_slots=100)
     session = d.session
-    service(SIM, d.path, "--rate", 200)
-    start_when_writers_ready(session, {"command": "start", "path": str(d.run_dir), "n_image": 600})
-    session.until(lambda m: m["status"] == "recording" and m["count"] >= 50)
+    _recording_from_a_simulator(d, service, n_image=600)
     meta = d.writers[-1].proc
     meta.send_signal(signal.SIGSTOP)
     try:
