@@ -265,7 +265,7 @@ def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config
             for image_id in range(6):
                 message = ring.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
                 if image_id in (0, 3, 5):
-                    delay.send(message)
+                    delay.send(message, image_id)
                     received.append(subscriber.receive(timeout=5).image_id)
             assert received == [0, 3, 5]
             totals = subscriber.stats.totals()
@@ -281,7 +281,7 @@ def test_an_image_without_pixels_is_invalid(make_config) -> None:
     try:
         empty = image_metadata(config, 1)
         empty.height = empty.size = 0
-        publisher.send(empty.SerializeToString())
+        publisher.socket.send(empty.SerializeToString())  # not an image it wrote
         publisher.publish_image(image_metadata(config, 2), ramp(2, config.shape, config.dtype))
         assert subscriber.receive(timeout=5).image_id == 2
         assert subscriber.stats.totals()["invalid"] == 1
@@ -484,3 +484,106 @@ def test_an_ipc_name_another_process_listens_on_is_not_taken_over(make_config) -
             sock.close(0)
         ctx.term()
         unlink_ipc(address)
+
+
+def _two_runs(publisher, config, ids, offset: int = 0) -> None:
+    """Run 1 and run 2 of ``ids``: the writer begins its ids again; run 2's pixels are the ramp of id + 1000."""
+    for run in (0, 1000):
+        for image_id in ids:
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id + run + offset, config.shape,
+                                                                           config.dtype))
+
+
+def test_a_lagging_reader_never_takes_the_next_runs_image_under_its_metadata(make_config) -> None:
+    """The guard holds ids: a reader still behind by a whole run when its writer began its ids again
+    took the new run's pixels under the old run's metadata, as complete (review: 10 of 20 images,
+    every counter 0). Each slot now holds its image's run, and the reader works out the run of
+    each message from their order."""
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        _two_runs(publisher, config, range(10))  # run 1's messages come first: their slots hold run 2's images
+        for image_id in range(10):
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+            np.testing.assert_array_equal(image.data, ramp(image_id + 1000, config.shape, config.dtype))
+            assert image.intact()
+        assert subscriber.stats.totals()["lost"] == 10
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_an_image_in_use_is_not_intact_once_the_next_run_rewrote_its_id(make_config) -> None:
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in range(6):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        image = subscriber.receive(timeout=5)
+        assert image.image_id == 0 and image.intact()
+        publisher.publish_image(image_metadata(config, 0), ramp(7, config.shape, config.dtype))  # ids went back
+        assert not image.intact()  # the same id, complete, but another run's
+        assert not subscriber.confirm(image)
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+@pytest.mark.parametrize("sent_before", [0, 10])
+def test_a_reader_that_connects_takes_every_run_after_it(make_config, sent_before) -> None:
+    """The run of a reader's first message: read from the writer's header before it connects.
+    Nothing sent yet, or a run that ended: the new run's images all arrive, none lost."""
+    config, _ = make_config()
+    publisher = ImagePublisher(config).open()
+    try:
+        for image_id in range(sent_before):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        subscriber = ImageSubscriber(config).connect()
+        try:
+            assert publisher.wait_for_subscribers(1, timeout=5)
+            for image_id in range(5):  # a new run (after the first) begins at 0
+                publisher.publish_image(image_metadata(config, image_id), ramp(image_id + 50, config.shape,
+                                                                                config.dtype))
+            for image_id in range(5):
+                image = subscriber.receive(timeout=5)
+                assert image is not None and image.image_id == image_id
+                np.testing.assert_array_equal(image.data, ramp(image_id + 50, config.shape, config.dtype))
+            assert subscriber.stats.totals()["lost"] == 0
+        finally:
+            subscriber.close()
+    finally:
+        publisher.close()
+
+
+def test_a_reader_that_missed_a_change_of_run_reconnects(make_config) -> None:
+    """A full queue drops messages, and with them maybe the change of run: the reader could then
+    no longer tell the runs apart, and would count every later image lost. Once nothing else is
+    queued it reconnects, with the run read from the writer's header. (The dropped messages are
+    taken off the socket here, unread: a full queue is not made to order.)"""
+    config, _ = make_config()
+    publisher, subscriber = _pair(config)
+    try:
+        for image_id in range(5):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        assert [subscriber.receive(timeout=5).image_id for _ in range(5)] == list(range(5))
+        _two_runs(publisher, config, range(5))  # the rest of run 1, run 2 from 0: dropped
+        for _ in range(10):
+            assert subscriber.socket.poll(5000) and subscriber.socket.recv()
+        for image_id in (5, 6):  # run 2 goes on, above where run 1 was: it may be either
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            assert subscriber.receive(timeout=1) is None  # lost, and nothing else queued
+        assert subscriber.stats.totals()["lost"] == 2  # the second time: reconnected
+        socket = subscriber.socket
+        assert publisher.wait_for_subscribers(1, timeout=5)
+        time.sleep(0.2)  # the old connection's goodbye and the new one's handshake
+        for image_id in range(7, 12):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        for image_id in range(7, 12):
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+            np.testing.assert_array_equal(image.data, ramp(image_id, config.shape, config.dtype))
+        assert subscriber.stats.totals()["lost"] == 2 and subscriber.socket is socket
+    finally:
+        subscriber.close()
+        publisher.close()

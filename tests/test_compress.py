@@ -277,6 +277,34 @@ def test_every_image_decodes_to_the_ramp_in_order(make_config, service, tmp_path
     assert not os.path.exists(f"/dev/shm/{config.channel(SUFFIX[codec])}")
 
 
+def test_a_reader_behind_a_stage_never_takes_the_next_runs_image_under_its_metadata(make_config, service) -> None:
+    """The stage's source began its ids again; so did the stage. A reader of the stage still
+    reading the run before took the new run's blobs under the old run's metadata, the guard
+    saying complete (review: 10 of 20 images, every counter 0)."""
+    config, path = make_config(image_pixel_height=40, image_pixel_width=56, ram_buffer_slots=64)
+    with ImagePublisher(config) as source:
+        stage = service(STAGE, "blosc2", path, "-t", 2)
+        assert source.wait_for_subscribers(1, timeout=10)
+        with subscribe(config, "blosc2") as reader:
+            output = RamBuffer.attach(BufferLayout.of(config, "blosc2"))
+            try:
+                for run in (1, 2):  # the reader reads nothing until both runs went through the stage
+                    for image_id in range(10):
+                        source.publish_image(image_metadata(config, image_id),
+                                             ramp(image_id + 1000 * run, config.shape, config.dtype))
+                    assert wait_until(lambda run=run: output.sent_last() == (run, 9), 10)
+            finally:
+                output.close()
+            for image_id in range(10):
+                image = reader.receive(timeout=5)
+                assert image is not None and image.image_id == image_id
+                assert np.array_equal(decode(image.metadata, image.data), ramp(image_id + 2000, config.shape,
+                                                                               config.dtype))
+            assert reader.stats.totals()["lost"] == 10
+            assert reader.receive(timeout=0.5) is None
+    stop(stage)
+
+
 @pytest.mark.parametrize("codec", ["blosc2", "h5bitshuffle_lz4"])
 def test_incompressible_and_damaged_images(make_config, service, codec) -> None:
     """Random images are counted too_big and never published; damaged ones go on uncompressed."""

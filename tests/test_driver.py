@@ -521,7 +521,7 @@ def _publish_ramps(publisher: ImagePublisher, config, ids, lost=(), unsent=()) -
         elif image_id in lost:
             publisher.write_image(metadata, ramp(image_id, config.shape, config.dtype))
             publisher.begin(image_id + config.n_slots)
-            publisher.send(metadata.SerializeToString())
+            publisher.send(metadata.SerializeToString(), image_id)
         else:
             publisher.publish_image(metadata, ramp(image_id, config.shape, config.dtype))
         time.sleep(0.01)

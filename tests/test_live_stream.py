@@ -478,7 +478,7 @@ def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, s
             def publish(frame: int, keep: bool) -> None:
                 metadata = image_metadata(config, frame)
                 message = images.write_image(metadata, ramp(frame, config.shape, config.dtype))
-                images.send(message)  # on <det>-image, as the receiver does: not what the stream reads
+                images.send(message, frame)  # on <det>-image, as the receiver does: not what the stream reads
                 if keep:
                     delay.send(message)
 

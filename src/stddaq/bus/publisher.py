@@ -47,6 +47,12 @@ class ImagePublisher:
     in place: ``slot = begin(image_id)``, fill ``slot``, ``publish(metadata)``. ``publish_image``
     is ``write_image`` (the copy; returns the message) then ``send``, for a caller that sends
     the messages of several images in another order than it wrote them.
+
+    Each message belongs to a **run**: the first is run 1, and the run goes up by one at every
+    message whose id is not above the one sent before (the writer began its ids again). The run
+    is stamped on the image's slot just before its message goes (``RamBuffer.stamp``); readers
+    count runs the same way in the messages they get, so the same id of another run is never
+    taken for theirs.
     """
 
     def __init__(self, config: DetectorConfig, suffix: str = "image", *, ctx: zmq.Context | None = None) -> None:
@@ -61,9 +67,12 @@ class ImagePublisher:
         self._subscribers = 0
         self._bound = False
         self._slot_n_bytes = self.layout.slot_n_bytes
+        self.run = 1  # of the next message, unless its id goes back (a new buffer begins at 1)
+        self._last_sent = -1  # no message yet: the first id is never "back"
 
     def open(self) -> ImagePublisher:
         self.buffer = RamBuffer.create(self.layout)
+        self.run, self._last_sent = 1, -1
         try:
             ctx = self._ctx or zmq.Context()
             self._ctx = ctx
@@ -93,12 +102,20 @@ class ImagePublisher:
         if metadata.size > self._slot_n_bytes:
             raise BusError(f"image {metadata.image_id}: size {metadata.size} does not fit a slot of "
                            f"{self.layout.slot_n_bytes} bytes on {self.layout.name}")
-        self.buffer.end_write(metadata.image_id)
+        image_id = metadata.image_id
+        self.buffer.end_write(image_id)
+        self._stamp(image_id)
         self.socket.send(metadata.SerializeToString())
+
+    def _stamp(self, image_id: int) -> None:
+        if image_id <= self._last_sent:
+            self.run += 1
+        self._last_sent = image_id
+        self.buffer.stamp(image_id, self.run)
 
     def publish_image(self, metadata: ImageMetadata, pixels: np.ndarray | bytes | memoryview) -> None:
         """Copy ``pixels`` into the slot of ``metadata.image_id`` and publish; sets ``size``."""
-        self.send(self.write_image(metadata, pixels))
+        self.send(self.write_image(metadata, pixels), metadata.image_id)
 
     def write_image(self, metadata: ImageMetadata, pixels: np.ndarray | bytes | memoryview) -> bytes:
         """Copy ``pixels`` into the slot of ``metadata.image_id`` and mark it complete; sets ``size``.
@@ -113,8 +130,9 @@ class ImagePublisher:
         self.buffer.end_write(metadata.image_id)
         return metadata.SerializeToString()
 
-    def send(self, message: bytes) -> None:
-        """Send a metadata message made by ``write_image``."""
+    def send(self, message: bytes, image_id: int) -> None:
+        """Send the metadata message ``write_image`` made for ``image_id``."""
+        self._stamp(image_id)
         self.socket.send(message)
 
     # ------------------------------------------------------------------ subscribers

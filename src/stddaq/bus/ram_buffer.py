@@ -13,10 +13,20 @@ main object stays byte-identical to upstream; a buffer made by a C++ writer simp
 side-car, and readers then say once that they cannot detect overwrites.
 
 After the per-slot words, the side-car holds the layout its writer made (``LAYOUT_MAGIC``, slot
-bytes, slots, 0). The main object is a whole number of 2 MiB, so its size alone does not tell a
+bytes, slots, ``RUN_WORDS``). The main object is a whole number of 2 MiB, so its size alone does not tell a
 reader whose config implies another slot size or count (a camera's ROI changed, the writer
 restarted with the new config, a reader did not): it would read every image at the wrong offset
 with the guard saying complete. ``attach`` compares the record with its own layout first.
+
+The guard words hold ids, not runs: a writer that begins its ids again in the same ring (a new
+acquisition) writes ``2*id + 2`` into a slot that held the same id of the run before. So after
+the layout record come one uint64 per slot, the **run** whose image the slot holds (0 while it
+is being written, stamped just before the image's metadata is sent), then two header words:
+the writer's current run and 1 + the id it sent last. The writer's run goes up by one each
+time an id it sends is not above the one it sent before; readers follow the same rule on the
+message stream they get (see ImageSubscriber), so a reader still reading an earlier run's
+metadata finds another run in the slot instead of the image it was told about. The fourth
+word of the layout record says the run words are there (an older writer's buffer has 0).
 """
 
 from __future__ import annotations
@@ -40,14 +50,17 @@ log = logging.getLogger(__name__)
 GUARD_SUFFIX = ".seq"
 #: the first word of the layout record after the guard's per-slot words ("stddaqL1")
 LAYOUT_MAGIC = int.from_bytes(b"stddaqL1", "little")
-_LAYOUT_WORDS = 4  # magic, slot bytes, slots, 0
+_LAYOUT_WORDS = 4  # magic, slot bytes, slots, RUN_WORDS
+#: the layout record's fourth word in a buffer whose guard holds a run per slot and the run header
+RUN_WORDS = 1
+_HEADER_WORDS = 2  # the writer's current run, 1 + the id it sent last (0: none yet)
 #: madvise advice (Linux 5.14); Python's mmap module has no name for it
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _BYTE = np.dtype(np.uint8)
 
 
 def _guard_n_bytes(layout: BufferLayout) -> int:
-    return _round_up(8 * (layout.n_slots + _LAYOUT_WORDS))
+    return _round_up(8 * (2 * layout.n_slots + _LAYOUT_WORDS + _HEADER_WORDS))
 
 
 def _layout_problem(layout: BufferLayout, guard: mmap.mmap | None) -> str | None:
@@ -178,6 +191,21 @@ class RamBuffer:
         self._closed = False
         self.data = np.frombuffer(data, dtype=np.uint8)
         self.sequence = np.frombuffer(guard, dtype=np.uint64, count=layout.n_slots) if guard is not None else None
+        #: the run of the image each slot holds (0: being written), and the writer's header (see the
+        #: module docstring); None in a buffer without them (unguarded, or an older stddaq's)
+        self.runs: np.ndarray | None = None
+        self._header: np.ndarray | None = None
+        if guard is not None:
+            after = 8 * (layout.n_slots + _LAYOUT_WORDS)
+            if (int(np.frombuffer(guard, np.uint64, 1, after - 8)[0]) == RUN_WORDS
+                    and len(guard) >= after + 8 * (layout.n_slots + _HEADER_WORDS)):
+                self.runs = np.frombuffer(guard, np.uint64, layout.n_slots, after)
+                self._header = np.frombuffer(guard, np.uint64, _HEADER_WORDS, after + 8 * layout.n_slots)
+        # the same words for single reads and writes: a memoryview takes 10-30 ns, numpy 70-130
+        self._seq = None if self.sequence is None else memoryview(self.sequence)
+        self._run_words = None if self.runs is None else memoryview(self.runs)
+        self._head = None if self._header is None else memoryview(self._header)
+        self._n_slots = layout.n_slots
         self._address = self.data.ctypes.data
         self._views: dict[tuple, list[np.ndarray | None]] = {}
         self._lock_fd: int | None = None
@@ -216,7 +244,7 @@ class RamBuffer:
             _unlink(layout.name + GUARD_SUFFIX)  # stale guard of a crashed owner
             guard, _ = _open_shm(layout.name + GUARD_SUFFIX, _guard_n_bytes(layout), create=True, writable=True)
             np.frombuffer(guard, np.uint64, _LAYOUT_WORDS, 8 * layout.n_slots)[:] = (
-                LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, 0)
+                LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, RUN_WORDS)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _check_room(layout, reclaimed)
@@ -234,6 +262,7 @@ class RamBuffer:
             os.close(fd)
         buffer = cls(layout, data, guard, owner=True)
         buffer._lock_fd = lock_fd
+        buffer._header[:] = (1, 0)  # run 1, nothing sent yet
         return buffer
 
     @classmethod
@@ -348,23 +377,56 @@ class RamBuffer:
 
     # ------------------------------------------------------------------ guard
     def begin_write(self, image_id: int) -> None:
-        if self.sequence is not None:
-            self.sequence[image_id % self.layout.n_slots] = 2 * image_id + 1
+        if self._seq is not None:
+            slot = image_id % self._n_slots
+            self._seq[slot] = 2 * image_id + 1
+            if self._run_words is not None:
+                self._run_words[slot] = 0
 
     def end_write(self, image_id: int) -> None:
-        if self.sequence is not None:
-            self.sequence[image_id % self.layout.n_slots] = 2 * image_id + 2
+        if self._seq is not None:
+            self._seq[image_id % self._n_slots] = 2 * image_id + 2
+
+    def stamp(self, image_id: int, run: int) -> None:
+        """Just before the metadata of ``image_id`` is sent: its slot holds run ``run``'s image, and
+        the header says it was the last sent (the id first, then the run: a reader that reads the
+        run, the id, the run again never pairs an earlier run with a later run's id it could trust)."""
+        if self._run_words is not None:
+            self._run_words[image_id % self._n_slots] = run
+            header = self._head
+            header[1] = image_id + 1
+            header[0] = run
+
+    def sent_last(self) -> tuple[int, int] | None:
+        """(the writer's current run, the id it sent last, -1: none yet) read consistently; None
+        without run words."""
+        header = self._head
+        if header is None:
+            return None
+        while True:
+            run, last = header[0], header[1] - 1
+            if header[0] == run:
+                return run, last
+
+    def slot_run(self, image_id: int) -> int | None:
+        """The run stamped on ``image_id``'s slot (0: being written or not sent yet); None without run words."""
+        return None if self._run_words is None else self._run_words[image_id % self._n_slots]
 
     @property
     def guarded(self) -> bool:
         return self.sequence is not None
 
-    def holds(self, image_id: int) -> bool:
+    def holds(self, image_id: int, run: int | None = None) -> bool:
         """True while the slot still holds image ``image_id`` complete (always True unguarded;
-        False once closed: a view kept from before cannot be vouched for any more)."""
-        if self.sequence is None:
+        False once closed: a view kept from before cannot be vouched for any more); with ``run``,
+        also that it is that run's image (where the buffer has run words)."""
+        seq = self._seq
+        if seq is None:
             return not self._closed
-        return int(self.sequence[image_id % self.layout.n_slots]) == 2 * image_id + 2
+        slot = image_id % self._n_slots
+        if run is not None and self._run_words is not None and self._run_words[slot] != run:
+            return False
+        return seq[slot] == 2 * image_id + 2
 
     def overtaken_within(self, image_id: int, margin: int, newest_stale: int = -1) -> bool:
         """True when the writer has already begun an image ``n_slots - margin`` or more ids after
@@ -388,6 +450,17 @@ class RamBuffer:
         # a higher id there is a leftover of an earlier run (that slot's id of the new run never
         # came), or the writer is a ring ahead: then the image's own slot is overwritten already
         return int(self.sequence[image_id % n_slots]) != 2 * image_id + 2
+
+    def held_run(self, image_id: int) -> int | None:
+        """``holds`` and ``slot_run`` in one (a reader's hot path): -1 if the slot does not hold
+        ``image_id`` complete, else its run (0: not stamped yet), None without run words."""
+        seq = self._seq
+        if seq is None:
+            return None if not self._closed else -1
+        slot = image_id % self._n_slots
+        if seq[slot] != 2 * image_id + 2:
+            return -1
+        return None if self._run_words is None else self._run_words[slot]
 
     def count_complete(self, first: int, stop: int) -> int:
         """How many of the ids ``first`` .. ``stop - 1`` their slots hold complete now (0 unguarded);
@@ -419,7 +492,11 @@ class RamBuffer:
         if self._closed:
             return
         self._closed = True
-        self.data = self.sequence = None  # type: ignore[assignment]
+        for words in (self._seq, self._run_words, self._head):
+            if words is not None:
+                words.release()
+        self._seq = self._run_words = self._head = None
+        self.data = self.sequence = self.runs = self._header = None  # type: ignore[assignment]
         self._views.clear()
         for m in (self._data_map, self._guard_map):
             if m is not None:

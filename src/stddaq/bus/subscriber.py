@@ -4,10 +4,25 @@ A reader is handed only images whose slot still holds them (overwrite guard, see
 An image whose slot was already reused when its metadata was read is counted ``lost`` and not
 handed on; a consumer that used a view for a while asks ``image.intact()`` (or
 ``subscriber.confirm(image)``) afterwards to know the bytes it used were not overwritten meanwhile.
+
+Runs: a writer that begins its ids again writes the same ids into the same slots, so the guard
+alone would vouch for the new run's image under a lagging reader's metadata of the run before.
+The writer stamps each slot with the run of its image (``ImagePublisher``: the run goes up at
+every message whose id is not above the one before), and the reader works out the run of each
+message from the order it gets them in: it keeps a floor, "the next message is of run R or a
+later one, and if of run R its id is above J". A message is taken only when the run stamped on
+its slot is the one it must be: R with an id above J, or R + 1 with an id at most J (its ids
+went back). Any other run there means the slot holds another run's image of that id: counted
+``lost``. The floor starts from the writer's header read before the socket connects (messages
+that reach this reader were sent after that), and moves with every message, taken or not.
+A reader that missed messages over a change of run (its queue was full) can no longer tell the
+runs apart: when it finds the slot's run ambiguous with nothing else queued, it reconnects and
+takes a new floor (``_resubscribe``); what was sent meanwhile it misses (counted as gaps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -48,12 +63,13 @@ class Image:
     compressed ones.
     """
 
-    __slots__ = ("metadata", "data", "_buffer")
+    __slots__ = ("metadata", "data", "_buffer", "_run")
 
-    def __init__(self, metadata: ImageMetadata, data: np.ndarray, buffer: RamBuffer) -> None:
+    def __init__(self, metadata: ImageMetadata, data: np.ndarray, buffer: RamBuffer, run: int | None = None) -> None:
         self.metadata = metadata
         self.data = data
         self._buffer = buffer
+        self._run = run  # the run its slot must hold (None: not checked)
 
     @property
     def image_id(self) -> int:
@@ -66,7 +82,7 @@ class Image:
 
     def intact(self) -> bool:
         """True if the slot still holds this image complete, so what was read of it is good."""
-        return self._buffer.holds(self.metadata.image_id)
+        return self._buffer.holds(self.metadata.image_id, self._run)
 
     def copy(self) -> np.ndarray:
         """A private copy of the pixels; raises if the slot changed during the copy."""
@@ -112,6 +128,12 @@ class ImageSubscriber:
         self._gapless_since: int | None = None
         self._refused_inode: int | None = None  # a re-created buffer found unusable (see _replaced)
         self._slot = self.layout.slot_n_bytes
+        # the run floor (module docstring): the next message is of run >= _run_floor, and if of
+        # _run_floor its id is above _id_floor. _floor_at_connect: (buffer inode, run, id) read from
+        # the writer's header before the socket connected, for the buffer mapped first
+        self._run_floor, self._id_floor = 1, -1
+        self._floor_at_connect: tuple[int, int, int] | None = None
+        self._stuck = 0  # messages since the last image taken whose run was ambiguous, nothing else queued
 
     # ------------------------------------------------------------------ lifetime
     def connect(self, wait: float = 0.0) -> ImageSubscriber:
@@ -119,14 +141,12 @@ class ImageSubscriber:
         BusError after ``wait`` seconds). A PUB drops what it sends before a subscriber's
         handshake is done, so a consumer that starts its source after this misses nothing."""
         self._ctx = self._ctx or zmq.Context()
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, METADATA_HWM)
-        sock.setsockopt(zmq.RECONNECT_IVL, 20)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket = sock
+        self._floor_at_connect = None
+        if self._same_channel:
+            with contextlib.suppress(BusError, OSError):
+                self._attach(connecting=True)  # its header, before the socket connects (module docstring)
+        sock = self._connect_socket(connect=not wait)
         if not wait:
-            sock.connect(self.address)
             return self
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)  # before connect: no event missed
         try:
@@ -139,6 +159,18 @@ class ImageSubscriber:
             self.close()
             raise BusError(f"no publisher at {self.address} after {wait:g} s: start {self.created_by} first")
         return self
+
+    def _connect_socket(self, connect: bool = True) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, METADATA_HWM)
+        sock.setsockopt(zmq.RECONNECT_IVL, 20)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.socket = sock
+        self._rcvtimeo = None  # receive() sets it on this socket
+        if connect:
+            sock.connect(self.address)
+        return sock
 
     def attach(self, wait: float = 0.0) -> RamBuffer:
         """Map the channel's buffer, waiting up to ``wait`` seconds for its writer to create it."""
@@ -155,15 +187,24 @@ class ImageSubscriber:
                     logged = True
                 time.sleep(0.05)
 
-    def _attach(self) -> RamBuffer:
+    def _attach(self, connecting: bool = False) -> RamBuffer:
         """Map the buffer now under the channel's name (BufferMissingError leaves the one mapped
         before as it was). The one before is let go, not closed: images of it still in use (a
         stage's threads compressing them) keep it mapped, and their bytes stay good (its writer
-        is gone, so its guard words no longer change); it is unmapped with the last of them."""
+        is gone, so its guard words no longer change); it is unmapped with the last of them.
+
+        The run floor: ``connecting`` (before the socket connects), the writer's run and last
+        sent id now; later, that one if it is the same buffer, else run 1 from its first id (a
+        buffer made after this reader connected: every message of its writer reached it)."""
         new = RamBuffer.attach(self.layout, created_by=self.created_by)
         self.buffer = new
-        self._buffer_inode = _inode(self.layout.name)
+        self._buffer_inode = inode = _inode(self.layout.name)
         self._newest_stale = self._missed_stale = self.buffer.newest_id()
+        sent = new.sent_last()
+        if connecting and sent is not None:
+            self._floor_at_connect = (inode, sent[0], sent[1] - 1)  # that last message may still come
+        floor = self._floor_at_connect
+        self._run_floor, self._id_floor = (floor[1], floor[2]) if floor and floor[0] == inode else (1, -1)
         return self.buffer
 
     def _replaced(self, force: bool = False, last: int | None = None) -> bool:
@@ -247,6 +288,11 @@ class ImageSubscriber:
             image = self._accept(frame)
             if image is not None:
                 return image
+            if sock is not self.socket:  # re-subscribed (see _other_run)
+                sock = self.socket
+                if not flags:
+                    sock.setsockopt(zmq.RCVTIMEO, rcvtimeo)
+                    self._rcvtimeo = rcvtimeo
             # a message that gave no image: keep waiting, but not past the caller's timeout
             if timeout is not None:
                 now = time.monotonic()
@@ -361,8 +407,10 @@ class ImageSubscriber:
         elif last is None:
             self._gapless_since = image_id
         self._last_id = image_id
-        if not buffer.holds(image_id):
-            if not (self._replaced(last=last) and self.buffer.holds(image_id)):
+        run = buffer.held_run(image_id)
+        if run == -1:
+            if not self._replaced(last=last) or (run := self.buffer.held_run(image_id)) == -1:
+                self._past(image_id)
                 self.stats.add("lost")
                 return None
             buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
@@ -371,10 +419,64 @@ class ImageSubscriber:
             gap_from = self._unstale(gap_from, last, image_id)
         if gap_from is not None:
             self._count_missed(buffer, gap_from, image_id, "below")
+        if run is not None and self._same_channel:
+            floor, above = self._run_floor, self._id_floor
+            if run != (floor if image_id > above else floor + 1):
+                self._other_run(image_id, run, buffer)
+                return None
+            self._run_floor, self._id_floor = run, image_id
+            self._stuck = 0
+        else:
+            run = None
         self.stats.processed(size or raw_bytes)
         if compressed:
-            return Image(metadata, buffer.slot_bytes(image_id, size), buffer)
-        return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer)
+            return Image(metadata, buffer.slot_bytes(image_id, size), buffer, run)
+        return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer, run)
+
+    def _past(self, image_id: int) -> None:
+        """Move the run floor past a message not taken (module docstring): its run is the floor's
+        if its id is above the floor's, else a later one."""
+        if image_id <= self._id_floor:
+            self._run_floor += 1
+        self._id_floor = image_id
+
+    def _other_run(self, image_id: int, run: int, buffer: RamBuffer) -> None:
+        """The slot of ``image_id`` holds that id complete, but stamped with another run than this
+        message's: counted lost. A later run there with nothing else queued, twice with no image
+        taken in between, means this reader missed messages over a change of run (only a full
+        queue drops them): it takes a new floor. (Once may be a run of one image, the next run's
+        first message still on its way.)"""
+        floor, above = self._run_floor, self._id_floor
+        self._past(image_id)
+        self.stats.add("lost")
+        ambiguous = run > (floor if image_id > above else floor + 1)
+        empty = ambiguous and self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        self._stuck += empty
+        if self._stuck >= 2:
+            self._stuck = 0
+            self._resubscribe(buffer)
+            why = ("this reader cannot tell its run any more (it missed messages while its queue was full): "
+                   "reconnected")
+        elif empty:
+            why = "the next run of its writer took the slot, or this reader missed a change of run"
+        elif ambiguous:
+            why = "a later run of its writer took the slot before this reader got to it"
+        else:
+            why = "being written again, or the buffer's writer does not stamp runs as this reader expects"
+        self.stats.warn("lost", log, "%s: image %d: its slot in /dev/shm/%s holds image %d of run %d, not of the "
+                        "run this message is of (%d or later): counted lost; %s", self.address, image_id,
+                        self.layout.name, image_id, run, floor if image_id > above else floor + 1, why)
+
+    def _resubscribe(self, buffer: RamBuffer) -> None:
+        """A new SUB socket, and the floor read from the writer's header before it connects: every
+        message that reaches the new socket was sent after that. The last id stays: what is sent
+        while it connects makes a gap (and, complete in the buffer, counts missed)."""
+        sent = buffer.sent_last()
+        old, self.socket = self.socket, None
+        old.close(0)
+        if sent is not None:
+            self._run_floor, self._id_floor = sent[0], sent[1] - 1
+        self._connect_socket()
 
     def _unstale(self, first: int, last: int, image_id: int) -> int:
         """The first id of the gap ``first`` .. ``image_id - 1`` that cannot be an earlier run's

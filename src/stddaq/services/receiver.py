@@ -96,6 +96,7 @@ class _Head(NamedTuple):
 
 class InOrder:
     """Metadata messages of images written out of order, handed back in id order (module docstring).
+    A message is whatever the caller holds for an image (the receiver: its id and metadata bytes).
 
     ``before(image_id)`` gives the messages that must go before ``image_id``'s slot is written:
     a held image in the same slot (the same id again, or one a ring apart), or every held one
@@ -117,18 +118,18 @@ class InOrder:
         self.window = window
         self.n_slots = n_slots
         self._ids: list[int] = []  # heap of the held ids
-        self._messages: dict[int, bytes] = {}
+        self._messages: dict[int, object] = {}
         self._slots: dict[int, int] = {}  # slot -> held id
         self._next: int | None = None  # the id that may go next without waiting
         self.lost: list[int] = []  # held ids given up (see the class docstring), for the receiver to count
         self._added = 0  # messages added so far
         self._went_back: int | None = None  # where the ids were when they last went back (see add)
-        self._order: deque[tuple[int, int, bytes]] = deque()  # (id, when added, message) held, oldest first
+        self._order: deque[tuple[int, int, object]] = deque()  # (id, when added, message) held, oldest first
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def before(self, image_id: int) -> list[bytes]:
+    def before(self, image_id: int) -> list:
         if not self._ids:
             return []
         if self._next is not None and image_id < self._next:
@@ -145,7 +146,7 @@ class InOrder:
             out.append(self._pop())
         return out
 
-    def add(self, image_id: int, message: bytes) -> list[bytes]:
+    def add(self, image_id: int, message: object) -> list:
         if self.window == 0 or (self._next is not None and image_id < self._next):
             if self._next is not None and image_id < self._next:  # ids went back: ids from here on may be
                 self._went_back = self._next  # an old run's last images, merged after the new run's first
@@ -174,17 +175,17 @@ class InOrder:
             self._order = deque(entry for entry in order if messages.get(entry[0]) is entry[2])
         return out
 
-    def drain(self) -> list[bytes]:
+    def drain(self) -> list:
         self._order.clear()
         return [self._pop() for _ in range(len(self._ids))]
 
-    def _pop(self) -> bytes:
+    def _pop(self) -> object:
         image_id = heapq.heappop(self._ids)
         del self._slots[image_id % self.n_slots]
         self._next = image_id + 1
         return self._messages.pop(image_id)
 
-    def _take(self, image_id: int) -> bytes:
+    def _take(self, image_id: int) -> object:
         """A held message out of order (the next id to wait for stays)."""
         self._ids.remove(image_id)
         heapq.heapify(self._ids)
@@ -333,10 +334,10 @@ class StreamReceiver(Service):
                     self._received += 1
                     heads[index] = _Head(*decoded, parts, self._received)
 
-    def _send(self, messages: list[bytes]) -> None:
+    def _send(self, messages: list[tuple[int, bytes]]) -> None:
         send = self.publisher.send
-        for message in messages:
-            send(message)
+        for image_id, message in messages:
+            send(message, image_id)
 
     def handle(self, parts: list) -> bool:
         """Write one message into the buffer; False (and counted) if it is not usable."""
@@ -386,7 +387,7 @@ class StreamReceiver(Service):
             self._reject("lost", f"image {lost} of the sender's run before was held back for its order, and its slot "
                                  f"is taken by the new run's image {lost} (the sender began its ids again)")
         in_order.lost.clear()
-        self._send(in_order.add(image_id, self.publisher.write_image(metadata, pixels)))
+        self._send(in_order.add(image_id, (image_id, self.publisher.write_image(metadata, pixels))))
         self.counters.processed(pixels.nbytes)
         return True
 
