@@ -609,7 +609,11 @@ def test_a_source_whose_ids_go_back_mid_run_ends_it_before_the_runs_mix(deployme
     assert reply["status"] == "error", session.transcript[-5:]
     assert "the source's ids went back from 9 to 0 after 10 images" in reply["reason"], reply
     data, rows = read_file(run_dir / "file0.h5", det)
-    assert list(rows["image_id"]) == list(range(10))
+    # ids 0-2 of the first run are in the file unless the new run took their slots before the writer
+    # wrote them (it holds images in their slots until a chunk is full): then they are lost, never
+    # the new run's pixels under the old run's metadata
+    ids = list(rows["image_id"])
+    assert ids == sorted(set(ids)) and set(range(3, 10)) <= set(ids) <= set(range(10)), ids
     check_ramp(data, rows["image_id"], config)
 
 

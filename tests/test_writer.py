@@ -211,6 +211,35 @@ def test_overwritten_image_is_reported_never_written(make_config, service, drive
         assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(8, config.shape, config.dtype))
 
 
+def test_an_image_its_source_wrote_again_in_a_new_run_is_reported_never_written(make_config, service, driver,
+                                                                                 tmp_path) -> None:
+    """The same id of the source's next run in the slot (it began its ids again before the writer
+    got there) passed the guard: the file got run 2's pixels under run 1's metadata. A file holds
+    one run; a slot of another run is lost."""
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
+    with ImagePublisher(config) as publisher:
+        service(WRITER, path, 0)
+        d = driver(config)
+        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+        first_run = [_publish(publisher, config, image_id) for image_id in range(4)]
+        for image_id in range(2):
+            d.record(first_run[image_id])
+        assert d.confirm().code == ResponseCode.SUCCESS
+        for image_id in range(4):  # run 2 begins at 0: slots 0-3 hold its images now
+            _publish(publisher, config, image_id, pixels=ramp(image_id + 100, config.shape, config.dtype))
+        for image_id in range(2, 4):
+            d.record(first_run[image_id])
+        answer = d.confirm()
+        assert answer.code == ResponseCode.FAILURE
+        assert "2 image(s) not written" in answer.reason and "image 2: its slot in the RAM buffer holds image 2 of " \
+            "another run of its writer (2) than the one this file records (1)" in answer.reason
+        assert d.close_file().code == ResponseCode.SUCCESS
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert list(f[f"{config.detector_name}/metadata"]["image_id"]) == [0, 1]
+        for k in range(2):
+            assert np.array_equal(f[f"{config.detector_name}/data"][k], ramp(k, config.shape, config.dtype))
+
+
 def test_bad_commands_get_failure_and_the_writer_goes_on(make_config, service, driver, tmp_path) -> None:
     config, path = make_config(number_of_writers=2)
     with ImagePublisher(config) as publisher:

@@ -85,6 +85,9 @@ class Writer(Service):
         self.file: ImageFile | MetadataFile | None = None
         self.buffer: RamBuffer | None = None
         self._buffer_inode: int | None = None
+        #: (buffer, run) the open file records: a recording is one run of the ring's writer (the
+        #: driver ends one whose ids go back), taken from the slot of its first image in that buffer
+        self._file_run: tuple[RamBuffer, int] | None = None
         self._pull: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # the command socket's disconnect events
         self._push: zmq.Socket | None = None
@@ -252,6 +255,7 @@ class Writer(Service):
             except StorageError as exc:
                 previous = f"; closing the previous file: {exc}"
         self._take_pending()  # a new file starts a new account
+        self._file_run = None
         if not path_text:
             return False, "create_file without a path"
         path = Path(path_text)
@@ -417,6 +421,7 @@ class Writer(Service):
                 self._lost(image_id, "not in the RAM buffer: overwritten before the writer read it "
                                      "(writer too slow or RAM buffer too small)", "lost")
                 raise _Skip
+        run = self._run_of(buffer, image_id)
         buffer.populate(image_id)  # its page faults now, not inside the file write later
         compressed = metadata.compression != NONE
         if compressed:
@@ -426,19 +431,37 @@ class Writer(Service):
         if file.compression != metadata.compression:
             # a bad image the compressor forwarded raw into a compressed channel: convert
             pixels = np.array(data)
-            if not buffer.holds(image_id):
+            if not buffer.holds(image_id, run):
                 self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
                 raise _Skip
             data = _encode(file.compression, pixels)
             intact = None
         else:
             def intact() -> bool:
-                return buffer.holds(image_id)
+                return buffer.holds(image_id, run)
         # a guarded buffer says when a slot is overwritten, so the file may write it later (zero copy)
         if not file.append(image_id, metadata.status, data, intact, borrowed=intact is not None and buffer.guarded,
                            address=buffer.slot_address(image_id)):
             self._lost(image_id, "overwritten in the RAM buffer while it was read", "lost")
             raise _Skip
+
+
+    def _run_of(self, buffer: RamBuffer, image_id: int) -> int | None:
+        """The run the slot of ``image_id`` must hold (None: the buffer has no run words); _Skip,
+        counted lost, if it holds that id of another run than the file's: its source began its
+        ids again, and this is the new run's image under the old one's metadata."""
+        run = buffer.slot_run(image_id)
+        if run is None:
+            return None
+        if self._file_run is None or self._file_run[0] is not buffer:
+            self._file_run = (buffer, run) if run else None
+        if not run or run != self._file_run[1]:
+            self._lost(image_id, f"its slot in the RAM buffer holds image {image_id} of another run of its writer "
+                                 f"({run or 'being written'}) than the one this file records "
+                                 f"({self._file_run[1] if self._file_run else 'none yet'}): its source began its "
+                                 "ids again before the writer read it", "lost")
+            raise _Skip
+        return run
 
 
 def _set_euid(uid: int) -> None:
