@@ -86,6 +86,42 @@ def test_guard_sees_write_in_progress_and_overwrite() -> None:
         assert reader.holds(5) and not reader.holds(3)
 
 
+def test_holds_a_run_reads_the_sequence_word_before_the_run_word() -> None:
+    """Read run word first: a reader descheduled between its two loads took the run stamp of
+    the image a ring later (same run), then found the sequence word of its id again, written by
+    the next run: intact, with another image's pixels (review 23, forced with this hook)."""
+    layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=4)
+    with RamBuffer.create(layout) as owner, RamBuffer.attach(layout) as reader:
+
+        def write(image_id: int, run: int) -> None:
+            owner.begin_write(image_id)
+            owner.end_write(image_id)
+            owner.stamp(image_id, run)
+
+        write(3, 1)
+        write(7, 1)  # a ring later, same run: the slot no longer holds image 3
+
+        class Descheduled:  # after the reader's first load, the next run rewrites image 3
+            def __init__(self, words) -> None:
+                self.words = words
+
+            def __getitem__(self, slot: int) -> int:
+                value = self.words[slot]
+                if not rewritten:
+                    rewritten.append(True)
+                    write(3, 2)
+                return value
+
+        rewritten: list[bool] = []
+        words = reader._seq, reader._run_words
+        reader._seq, reader._run_words = Descheduled(words[0]), Descheduled(words[1])
+        try:
+            assert not reader.holds(3, run=1)
+        finally:
+            reader._seq, reader._run_words = words
+        assert rewritten and reader.holds(3, run=2) and not reader.holds(3, run=1)
+
+
 def test_overtaken_within_says_when_the_writer_is_nearly_a_ring_ahead() -> None:
     layout = BufferLayout(unique_name() + "-image", slot_n_bytes=8, n_slots=8)
     with RamBuffer.create(layout) as owner, RamBuffer.attach(layout) as reader:

@@ -424,9 +424,9 @@ class RamBuffer:
         if seq is None:
             return not self._closed
         slot = image_id % self._n_slots
-        if run is not None and self._run_words is not None and self._run_words[slot] != run:
-            return False
-        return seq[slot] == 2 * image_id + 2
+        if seq[slot] != 2 * image_id + 2:  # the sequence word first: a rewrite of the same id in
+            return False  # another run ends with it again, and clears the run word before that
+        return run is None or self._run_words is None or self._run_words[slot] == run
 
     def overtaken_within(self, image_id: int, margin: int, newest_stale: int = -1) -> bool:
         """True when the writer has already begun an image ``n_slots - margin`` or more ids after
