@@ -376,10 +376,10 @@ def test_a_writer_caught_while_it_re_creates_its_buffer_is_waited_for(make_confi
         _unlink(publisher.layout.name)  # the writer is gone; its restart has claimed the name
         fd = _claim(publisher.layout.name)
         try:
-            assert subscriber._replaced(force=True) is False
+            assert subscriber._replaced(0, force=True) is False
             assert subscriber.buffer is old and old.sequence is not None  # still mapped
             os.ftruncate(fd, publisher.layout.n_bytes)  # now it is there
-            assert subscriber._replaced(force=True) is True and subscriber.buffer is not old
+            assert subscriber._replaced(0, force=True) is True and subscriber.buffer is not old
         finally:
             os.close(fd)
             _unlink(publisher.layout.name)
@@ -587,3 +587,48 @@ def test_a_reader_that_missed_a_change_of_run_reconnects(make_config) -> None:
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writers_images_from_the_new_one(
+        make_config) -> None:
+    """Writer 1 sends 0-199 into 64 slots and exits; writer 2 (a new buffer) sends 0-199 with
+    other pixels. A reader that read nothing meanwhile re-mapped the new buffer at writer 1's
+    first overwritten image and took writer 1's messages 136-199 with writer 2's pixels (review
+    23: 64 of 128). The old writer's header says which messages may still be its own."""
+    config, _ = make_config(ram_buffer_slots=64)
+    subscriber = ImageSubscriber(config)
+    first = ImagePublisher(config).open()
+    second = None
+    try:
+        subscriber.connect(wait=5)
+        assert first.wait_for_subscribers(1, timeout=5)
+
+        def send_run(publisher: ImagePublisher, writer: int) -> None:
+            for image_id in range(200):
+                metadata = image_metadata(config, image_id)
+                metadata.gf.scan_id = writer
+                publisher.publish_image(metadata, ramp(image_id + 1000 * writer, config.shape, config.dtype))
+
+        send_run(first, 1)
+        time.sleep(0.3)  # in the reader's queue
+        first.close()
+        second = ImagePublisher(config).open()
+        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() > 0)
+        send_run(second, 2)
+        got = {1: [], 2: []}
+        while (image := subscriber.receive(timeout=1)) is not None:
+            writer = image.metadata.gf.scan_id
+            np.testing.assert_array_equal(image.data, ramp(image.image_id + 1000 * writer, config.shape, config.dtype))
+            got[writer].append(image.image_id)
+        assert got == {1: list(range(136, 200)), 2: list(range(136, 200))}
+        assert subscriber.stats.totals()["lost"] == 272, dict(subscriber.stats.totals())
+        for image_id in range(200, 300):  # and it keeps up with the new writer (review 23: it lost every image)
+            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+        assert subscriber.stats.totals()["lost"] == 272
+    finally:
+        subscriber.close()
+        if second is not None:
+            second.close()
+        first.close()

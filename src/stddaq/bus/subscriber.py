@@ -133,7 +133,7 @@ class ImageSubscriber:
         # the writer's header before the socket connected, for the buffer mapped first
         self._run_floor, self._id_floor = 1, -1
         self._floor_at_connect: tuple[int, int, int] | None = None
-        self._stuck = 0  # messages since the last image taken whose run was ambiguous, nothing else queued
+        self._stuck = 0  # messages since the last image taken whose slot held another run, nothing else queued
 
     # ------------------------------------------------------------------ lifetime
     def connect(self, wait: float = 0.0) -> ImageSubscriber:
@@ -207,7 +207,7 @@ class ImageSubscriber:
         self._run_floor, self._id_floor = (floor[1], floor[2]) if floor and floor[0] == inode else (1, -1)
         return self.buffer
 
-    def _replaced(self, force: bool = False, last: int | None = None) -> bool:
+    def _replaced(self, image_id: int, force: bool = False, last: int | None = None) -> bool:
         """The writer restarted: the name now points at a new shm object, re-map it.
 
         Checked when ids go back (forced) and at most every 0.2 s while slots look overwritten,
@@ -219,6 +219,10 @@ class ImageSubscriber:
         ``last`` was made and never reached this reader (its writer was killed before it sent
         them): counted missed. Not when an old message found its slot overwritten: the old one's
         later messages may still be on their way.
+
+        Unless message ``image_id`` may still be the old writer's (``_may_be_old``): a reader more
+        than a ring behind took the old writer's last messages for the new one's images of the same
+        ids. Then the old buffer stays (the message is lost there), and the next message checks again.
         """
         now = time.monotonic()
         if not force and now < self._next_inode_check:
@@ -227,6 +231,9 @@ class ImageSubscriber:
         inode = _inode(self.layout.name)
         if inode is not None and inode != self._buffer_inode:
             old, stale = self.buffer, self._missed_stale
+            if old is not None and self._may_be_old(old, image_id):
+                self._next_inode_check = 0.0
+                return False
             try:
                 self._attach()
             except BufferMissingError:  # its writer is still creating it: not usable yet, try again later
@@ -244,6 +251,17 @@ class ImageSubscriber:
                 self._count_missed(old, max(last + 1, stale + 1), old.newest_id() + 1, "after")
             return True
         return False
+
+    def _may_be_old(self, old: RamBuffer, image_id: int) -> bool:
+        """True if message ``image_id`` may be one the writer of ``old`` sent (it is gone: its
+        header says the run and id of its last message), by the run floor: its run is the floor's,
+        or the next one when its id is not above the floor's id. False when ``old`` has no runs."""
+        sent = old.sent_last() if self._same_channel else None
+        if sent is None:
+            return False
+        old_run, old_last = sent
+        run = self._run_floor if image_id > self._id_floor else self._run_floor + 1
+        return run < old_run or (run == old_run and image_id <= old_last)
 
     def close(self) -> None:
         if self.socket is not None:
@@ -394,7 +412,7 @@ class ImageSubscriber:
         if last is not None and image_id != last + 1:
             if image_id <= last:
                 previous = buffer
-                self._replaced(force=True, last=last)  # ids went back: a new run, maybe a new buffer
+                self._replaced(image_id, force=True, last=last)  # ids went back: a new run, maybe a new buffer
                 buffer = self.buffer
                 if buffer is previous:  # the same buffer: until the new run has filled every slot
                     # once (ids are consecutive), a slot may still hold a higher id of the run before
@@ -409,7 +427,7 @@ class ImageSubscriber:
         self._last_id = image_id
         run = buffer.held_run(image_id)
         if run == -1:
-            if not self._replaced(last=last) or (run := self.buffer.held_run(image_id)) == -1:
+            if not self._replaced(image_id, last=last) or (run := self.buffer.held_run(image_id)) == -1:
                 self._past(image_id)
                 self.stats.add("lost")
                 return None
@@ -442,15 +460,15 @@ class ImageSubscriber:
 
     def _other_run(self, image_id: int, run: int, buffer: RamBuffer) -> None:
         """The slot of ``image_id`` holds that id complete, but stamped with another run than this
-        message's: counted lost. A later run there with nothing else queued, twice with no image
-        taken in between, means this reader missed messages over a change of run (only a full
-        queue drops them): it takes a new floor. (Once may be a run of one image, the next run's
-        first message still on its way.)"""
+        message's: counted lost. Another run there with nothing else queued, twice with no image
+        taken in between, means this reader lost track of the runs (it missed messages over a change
+        of run: only a full queue drops them): it takes a new floor. (Once may be a run of one
+        image, the next run's first message still on its way.)"""
         floor, above = self._run_floor, self._id_floor
         self._past(image_id)
         self.stats.add("lost")
         ambiguous = run > (floor if image_id > above else floor + 1)
-        empty = ambiguous and self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        empty = self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
         self._stuck += empty
         if self._stuck >= 2:
             self._stuck = 0
