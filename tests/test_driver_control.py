@@ -154,16 +154,17 @@ def test_preflight_checks_the_writer_uid_when_switching_user(tmp_path: Path) -> 
     assert not writable_by(tmp_path, nobody)
 
 
-@pytest.mark.parametrize("image_id,name_len", [(0, 0), (2**40, 5), (123, 300)])
-def test_record_image_bytes_equal_protobuf(image_id: int, name_len: int) -> None:
+@pytest.mark.parametrize("image_id,name_len,run", [(0, 0, None), (2**40, 5, 1), (123, 300, 2**40), (7, 0, 0)])
+def test_record_image_bytes_equal_protobuf(image_id: int, name_len: int, run: int | None) -> None:
     metadata = ImageMetadata(image_id=image_id, height=48, width=32, size=3072, dtype=2, status=1)
     if name_len:
         metadata.pco.bsread_name = "x" * name_len
     action = WriterAction()
     action.record_image.image_metadata.CopyFrom(metadata)
-    assert record_image_bytes(metadata.SerializeToString()) == action.SerializeToString()
-    parsed = WriterAction.FromString(record_image_bytes(metadata.SerializeToString()))
-    assert parsed.record_image.image_metadata == metadata
+    action.record_image.run = run or 0
+    assert record_image_bytes(metadata.SerializeToString(), run) == action.SerializeToString()
+    parsed = WriterAction.FromString(record_image_bytes(metadata.SerializeToString(), run))
+    assert parsed.record_image.image_metadata == metadata and parsed.record_image.run == (run or 0)
 
 
 def test_plan_starts_writers_metadata_writer_and_driver(make_config) -> None:

@@ -232,12 +232,38 @@ def test_an_image_its_source_wrote_again_in_a_new_run_is_reported_never_written(
         answer = d.confirm()
         assert answer.code == ResponseCode.FAILURE
         assert "2 image(s) not written" in answer.reason and "image 2: its slot in the RAM buffer holds image 2 of " \
-            "another run of its writer (2) than the one this file records (1)" in answer.reason
+            "another run of its writer (2) than this file records (1)" in answer.reason
         assert d.close_file().code == ResponseCode.SUCCESS
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert list(f[f"{config.detector_name}/metadata"]["image_id"]) == [0, 1]
         for k in range(2):
             assert np.array_equal(f[f"{config.detector_name}/data"][k], ramp(k, config.shape, config.dtype))
+
+
+def test_a_writer_a_run_behind_at_its_files_first_image_takes_the_run_the_driver_read(make_config, service, driver,
+                                                                                      tmp_path) -> None:
+    """A writer behind by a whole run at a file's first image took the run its slot held then
+    (the next run's) for the file's: the file got run 2's pixels under run 1's metadata as good
+    (review 23, 10 of 10 rows). The driver says each image's run with record_image."""
+    config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
+    with ImagePublisher(config) as publisher:
+        service(WRITER, path, 0)
+        d = driver(config)
+        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+        first_run = [_publish(publisher, config, image_id) for image_id in range(4)]
+        for image_id in range(4):  # run 2 rewrites them all before the writer reads the first
+            _publish(publisher, config, image_id, pixels=ramp(image_id + 100, config.shape, config.dtype))
+        for metadata in first_run:
+            d.send(WriterAction(record_image=RecordImage(image_metadata=metadata, run=1)))
+        d.send(WriterAction(record_image=RecordImage(image_metadata=image_metadata(config, 3), run=2)))
+        answer = d.confirm()
+        assert answer.code == ResponseCode.FAILURE
+        assert "4 image(s) not written" in answer.reason and "image 0: its slot in the RAM buffer holds image 0 of " \
+            "another run of its writer (2) than the driver read (1)" in answer.reason
+        assert d.close_file().code == ResponseCode.SUCCESS
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert list(f[f"{config.detector_name}/metadata"]["image_id"]) == [3]
+        assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(103, config.shape, config.dtype))
 
 
 def test_bad_commands_get_failure_and_the_writer_goes_on(make_config, service, driver, tmp_path) -> None:

@@ -76,6 +76,11 @@ class Image:
         return self.metadata.image_id
 
     @property
+    def run(self) -> int | None:
+        """The run of its writer this image is of (its slot holds it); None where not checked."""
+        return self._run
+
+    @property
     def address(self) -> int:
         """Memory address of ``data`` (the start of its slot), for C calls."""
         return self._buffer.slot_address(self.metadata.image_id)

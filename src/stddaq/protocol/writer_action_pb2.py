@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from stddaq.protocol import image_metadata_pb2 as stddaq_dot_protocol_dot_image__metadata__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stddaq/protocol/writer_action.proto\x12\x10std_daq_protocol\x1a$stddaq/protocol/image_metadata.proto\"4\n\x11\x43reateFileCommand\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\x05\"F\n\x0bRecordImage\x12\x37\n\x0eimage_metadata\x18\x01 \x01(\x0b\x32\x1f.std_daq_protocol.ImageMetadata\"\x0b\n\tCloseFile\"\x19\n\x17\x43onfirmLastImageWritten\"\x87\x02\n\x0cWriterAction\x12:\n\x0b\x63reate_file\x18\x01 \x01(\x0b\x32#.std_daq_protocol.CreateFileCommandH\x00\x12\x35\n\x0crecord_image\x18\x02 \x01(\x0b\x32\x1d.std_daq_protocol.RecordImageH\x00\x12\x31\n\nclose_file\x18\x03 \x01(\x0b\x32\x1b.std_daq_protocol.CloseFileH\x00\x12G\n\x12\x63onfirm_last_image\x18\x04 \x01(\x0b\x32).std_daq_protocol.ConfirmLastImageWrittenH\x00\x42\x08\n\x06\x61\x63tion\"N\n\x0eWriterResponse\x12,\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1e.std_daq_protocol.ResponseCode\x12\x0e\n\x06reason\x18\x02 \x01(\t*5\n\x0cResponseCode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SUCCESS\x10\x01\x12\x0b\n\x07\x46\x41ILURE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stddaq/protocol/writer_action.proto\x12\x10std_daq_protocol\x1a$stddaq/protocol/image_metadata.proto\"4\n\x11\x43reateFileCommand\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\twriter_id\x18\x02 \x01(\x05\"S\n\x0bRecordImage\x12\x37\n\x0eimage_metadata\x18\x01 \x01(\x0b\x32\x1f.std_daq_protocol.ImageMetadata\x12\x0b\n\x03run\x18\x64 \x01(\x04\"\x0b\n\tCloseFile\"\x19\n\x17\x43onfirmLastImageWritten\"\x87\x02\n\x0cWriterAction\x12:\n\x0b\x63reate_file\x18\x01 \x01(\x0b\x32#.std_daq_protocol.CreateFileCommandH\x00\x12\x35\n\x0crecord_image\x18\x02 \x01(\x0b\x32\x1d.std_daq_protocol.RecordImageH\x00\x12\x31\n\nclose_file\x18\x03 \x01(\x0b\x32\x1b.std_daq_protocol.CloseFileH\x00\x12G\n\x12\x63onfirm_last_image\x18\x04 \x01(\x0b\x32).std_daq_protocol.ConfirmLastImageWrittenH\x00\x42\x08\n\x06\x61\x63tion\"N\n\x0eWriterResponse\x12,\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1e.std_daq_protocol.ResponseCode\x12\x0e\n\x06reason\x18\x02 \x01(\t*5\n\x0cResponseCode\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SUCCESS\x10\x01\x12\x0b\n\x07\x46\x41ILURE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stddaq.protocol.writer_action_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESPONSECODE']._serialized_start=607
-  _globals['_RESPONSECODE']._serialized_end=660
+  _globals['_RESPONSECODE']._serialized_start=620
+  _globals['_RESPONSECODE']._serialized_end=673
   _globals['_CREATEFILECOMMAND']._serialized_start=95
   _globals['_CREATEFILECOMMAND']._serialized_end=147
   _globals['_RECORDIMAGE']._serialized_start=149
-  _globals['_RECORDIMAGE']._serialized_end=219
-  _globals['_CLOSEFILE']._serialized_start=221
-  _globals['_CLOSEFILE']._serialized_end=232
-  _globals['_CONFIRMLASTIMAGEWRITTEN']._serialized_start=234
-  _globals['_CONFIRMLASTIMAGEWRITTEN']._serialized_end=259
-  _globals['_WRITERACTION']._serialized_start=262
-  _globals['_WRITERACTION']._serialized_end=525
-  _globals['_WRITERRESPONSE']._serialized_start=527
-  _globals['_WRITERRESPONSE']._serialized_end=605
+  _globals['_RECORDIMAGE']._serialized_end=232
+  _globals['_CLOSEFILE']._serialized_start=234
+  _globals['_CLOSEFILE']._serialized_end=245
+  _globals['_CONFIRMLASTIMAGEWRITTEN']._serialized_start=247
+  _globals['_CONFIRMLASTIMAGEWRITTEN']._serialized_end=272
+  _globals['_WRITERACTION']._serialized_start=275
+  _globals['_WRITERACTION']._serialized_end=538
+  _globals['_WRITERRESPONSE']._serialized_start=540
+  _globals['_WRITERRESPONSE']._serialized_end=618
 # @@protoc_insertion_point(module_scope)

@@ -25,10 +25,12 @@ class CreateFileCommand(_message.Message):
     def __init__(self, path: _Optional[str] = ..., writer_id: _Optional[int] = ...) -> None: ...
 
 class RecordImage(_message.Message):
-    __slots__ = ("image_metadata",)
+    __slots__ = ("image_metadata", "run")
     IMAGE_METADATA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     image_metadata: _image_metadata_pb2.ImageMetadata
-    def __init__(self, image_metadata: _Optional[_Union[_image_metadata_pb2.ImageMetadata, _Mapping]] = ...) -> None: ...
+    run: int
+    def __init__(self, image_metadata: _Optional[_Union[_image_metadata_pb2.ImageMetadata, _Mapping]] = ..., run: _Optional[int] = ...) -> None: ...
 
 class CloseFile(_message.Message):
     __slots__ = ()

@@ -74,14 +74,20 @@ CONFIRM_LAST_IMAGE = WriterAction(confirm_last_image={}).SerializeToString()
 MasterWriter = Callable[[StartCommand, int, Path | None, DetectorConfig], None]
 
 
-def record_image_bytes(metadata_bytes: bytes) -> bytes:
-    """``WriterAction{record_image{image_metadata}}`` serialized around already serialized metadata.
+def record_image_bytes(metadata_bytes: bytes, run: int | None = None) -> bytes:
+    """``WriterAction{record_image{image_metadata, run}}`` serialized around already serialized
+    metadata (``run``: the image's run, see RecordImage.run; None or 0: not known, left out).
 
     Per image this saves building and serializing a nested message; the bytes are exactly what
     protobuf would produce (a test compares them).
     """
     inner = b"\x0a" + _varint(len(metadata_bytes)) + metadata_bytes
+    if run:
+        inner += _RUN_TAG + _varint(run)
     return b"\x12" + _varint(len(inner)) + inner
+
+
+_RUN_TAG = b"\xa0\x06"  # RecordImage.run: field 100, varint
 
 
 def _varint(value: int) -> bytes:
@@ -536,7 +542,7 @@ class WriterDriver(Service):
                                 "restarted source or a new acquisition): the run stops, its files hold the images "
                                 "before")
             last_id = image_id
-            payload = record_image_bytes(metadata.SerializeToString())
+            payload = record_image_bytes(metadata.SerializeToString(), image.run)
             if meta is not None and not meta.send(payload):  # it reads no pixels: no last_sent_id (_check_writers)
                 self._send(meta, payload, f"image {image_id}")
             link = links[count % n_links]

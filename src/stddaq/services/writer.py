@@ -188,7 +188,7 @@ class Writer(Service):
         else:
             why = f"not a WriterAction: no action set ({len(frame)} bytes)"
         if kind == "record_image":
-            self._record(action.record_image.image_metadata)
+            self._record(action.record_image.image_metadata, action.record_image.run)
         elif kind == "create_file":
             self._answer(*self._create(action.create_file.path, action.create_file.writer_id))
         elif kind == "confirm_last_image":
@@ -351,7 +351,7 @@ class Writer(Service):
             self._restore_user()
 
     # ------------------------------------------------------------------ images
-    def _record(self, metadata: ImageMetadata) -> None:
+    def _record(self, metadata: ImageMetadata, run: int = 0) -> None:
         image_id = metadata.image_id
         file = self.file
         if file is None:
@@ -361,7 +361,7 @@ class Writer(Service):
             if self.is_meta:
                 file.append(metadata)
             else:
-                self._append_image(file, metadata)
+                self._append_image(file, metadata, run)
         except _Skip:
             return  # counted as lost already
         except WriteFailed as exc:
@@ -398,7 +398,7 @@ class Writer(Service):
             self._buffer_inode = inode
         return self.buffer
 
-    def _append_image(self, file: ImageFile, metadata: ImageMetadata) -> None:
+    def _append_image(self, file: ImageFile, metadata: ImageMetadata, run: int = 0) -> None:
         image_id = metadata.image_id
         shape = (metadata.height, metadata.width)
         dtype = DTYPE_TO_NUMPY.get(metadata.dtype)
@@ -421,7 +421,7 @@ class Writer(Service):
                 self._lost(image_id, "not in the RAM buffer: overwritten before the writer read it "
                                      "(writer too slow or RAM buffer too small)", "lost")
                 raise _Skip
-        run = self._run_of(buffer, image_id)
+        run = self._run_of(buffer, image_id, run)
         buffer.populate(image_id)  # its page faults now, not inside the file write later
         compressed = metadata.compression != NONE
         if compressed:
@@ -446,20 +446,28 @@ class Writer(Service):
             raise _Skip
 
 
-    def _run_of(self, buffer: RamBuffer, image_id: int) -> int | None:
+    def _run_of(self, buffer: RamBuffer, image_id: int, told: int) -> int | None:
         """The run the slot of ``image_id`` must hold (None: the buffer has no run words); _Skip,
-        counted lost, if it holds that id of another run than the file's: its source began its
-        ids again, and this is the new run's image under the old one's metadata."""
+        counted lost, if it holds that id of another run: its source began its ids again, and
+        this is the new run's image under the old one's metadata.
+
+        ``told``: the image's run, as the driver's reader found it (RecordImage.run). 0 (a driver
+        that does not say, a C++ one): the run of the file's first image in this buffer, as its
+        slot holds it then (a writer more than a run behind at a file's first image cannot tell)."""
         run = buffer.slot_run(image_id)
         if run is None:
             return None
-        if self._file_run is None or self._file_run[0] is not buffer:
-            self._file_run = (buffer, run) if run else None
-        if not run or run != self._file_run[1]:
+        if told:
+            expected = told
+        else:
+            if self._file_run is None or self._file_run[0] is not buffer:
+                self._file_run = (buffer, run) if run else None
+            expected = self._file_run[1] if self._file_run else 0
+        if not run or run != expected:
             self._lost(image_id, f"its slot in the RAM buffer holds image {image_id} of another run of its writer "
-                                 f"({run or 'being written'}) than the one this file records "
-                                 f"({self._file_run[1] if self._file_run else 'none yet'}): its source began its "
-                                 "ids again before the writer read it", "lost")
+                                 f"({run or 'being written'}) than {'the driver read' if told else 'this file records'} "
+                                 f"({expected or 'none yet'}): its source began its ids again before the writer read "
+                                 "it", "lost")
             raise _Skip
         return run
 
