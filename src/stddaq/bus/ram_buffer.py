@@ -420,13 +420,8 @@ class RamBuffer:
         """True while the slot still holds image ``image_id`` complete (always True unguarded;
         False once closed: a view kept from before cannot be vouched for any more); with ``run``,
         also that it is that run's image (where the buffer has run words)."""
-        seq = self._seq
-        if seq is None:
-            return not self._closed
-        slot = image_id % self._n_slots
-        if seq[slot] != 2 * image_id + 2:  # the sequence word first: a rewrite of the same id in
-            return False  # another run ends with it again, and clears the run word before that
-        return run is None or self._run_words is None or self._run_words[slot] == run
+        held = self.held_run(image_id)
+        return held != -1 and (run is None or held is None or held == run)
 
     def overtaken_within(self, image_id: int, margin: int, newest_stale: int = -1) -> bool:
         """True when the writer has already begun an image ``n_slots - margin`` or more ids after
@@ -458,8 +453,8 @@ class RamBuffer:
         if seq is None:
             return None if not self._closed else -1
         slot = image_id % self._n_slots
-        if seq[slot] != 2 * image_id + 2:
-            return -1
+        if seq[slot] != 2 * image_id + 2:  # the sequence word first: a rewrite of the same id in
+            return -1  # another run ends with it again, and clears the run word before that
         return None if self._run_words is None else self._run_words[slot]
 
     def count_complete(self, first: int, stop: int) -> int:

@@ -16,8 +16,8 @@ went back). Any other run there means the slot holds another run's image of that
 ``lost``. The floor starts from the writer's header read before the socket connects (messages
 that reach this reader were sent after that), and moves with every message, taken or not.
 A reader that missed messages over a change of run (its queue was full) can no longer tell the
-runs apart: when it finds the slot's run ambiguous with nothing else queued, it reconnects and
-takes a new floor (``_resubscribe``); what was sent meanwhile it misses (counted as gaps).
+runs apart: when it finds another run in the slot twice with nothing else queued, it reconnects
+and takes a new floor (``_resubscribe``); what was sent meanwhile it misses (counted as gaps).
 """
 
 from __future__ import annotations
@@ -265,8 +265,13 @@ class ImageSubscriber:
         if sent is None:
             return False
         old_run, old_last = sent
-        run = self._run_floor if image_id > self._id_floor else self._run_floor + 1
+        run = self._least_run(image_id)
         return run < old_run or (run == old_run and image_id <= old_last)
+
+    def _least_run(self, image_id: int) -> int:
+        """The lowest run message ``image_id`` can be of, by the floor: the floor's if its id is
+        above the floor's id, else the next."""
+        return self._run_floor if image_id > self._id_floor else self._run_floor + 1
 
     def close(self) -> None:
         if self.socket is not None:
@@ -444,7 +449,7 @@ class ImageSubscriber:
             self._count_missed(buffer, gap_from, image_id, "below")
         if run is not None and self._same_channel:
             floor, above = self._run_floor, self._id_floor
-            if run != (floor if image_id > above else floor + 1):
+            if run != (floor if image_id > above else floor + 1):  # _least_run, inline: the hot path
                 self._other_run(image_id, run, buffer)
                 return None
             self._run_floor, self._id_floor = run, image_id
@@ -457,11 +462,8 @@ class ImageSubscriber:
         return Image(metadata, buffer.slot_array(image_id, (height, width), dtype), buffer, run)
 
     def _past(self, image_id: int) -> None:
-        """Move the run floor past a message not taken (module docstring): its run is the floor's
-        if its id is above the floor's, else a later one."""
-        if image_id <= self._id_floor:
-            self._run_floor += 1
-        self._id_floor = image_id
+        """Move the run floor past a message not taken (module docstring): of ``_least_run`` or later."""
+        self._run_floor, self._id_floor = self._least_run(image_id), image_id
 
     def _other_run(self, image_id: int, run: int, buffer: RamBuffer) -> None:
         """The slot of ``image_id`` holds that id complete, but stamped with another run than this
@@ -469,10 +471,9 @@ class ImageSubscriber:
         taken in between, means this reader lost track of the runs (it missed messages over a change
         of run: only a full queue drops them): it takes a new floor. (Once may be a run of one
         image, the next run's first message still on its way.)"""
-        floor, above = self._run_floor, self._id_floor
+        least = self._least_run(image_id)
         self._past(image_id)
         self.stats.add("lost")
-        ambiguous = run > (floor if image_id > above else floor + 1)
         empty = self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
         self._stuck += empty
         if self._stuck >= 2:
@@ -482,13 +483,13 @@ class ImageSubscriber:
                    "reconnected")
         elif empty:
             why = "the next run of its writer took the slot, or this reader missed a change of run"
-        elif ambiguous:
+        elif run > least:
             why = "a later run of its writer took the slot before this reader got to it"
         else:
             why = "being written again, or the buffer's writer does not stamp runs as this reader expects"
         self.stats.warn("lost", log, "%s: image %d: its slot in /dev/shm/%s holds image %d of run %d, not of the "
                         "run this message is of (%d or later): counted lost; %s", self.address, image_id,
-                        self.layout.name, image_id, run, floor if image_id > above else floor + 1, why)
+                        self.layout.name, image_id, run, least, why)
 
     def _resubscribe(self, buffer: RamBuffer) -> None:
         """A new SUB socket, and the floor read from the writer's header before it connects: every
