@@ -85,8 +85,9 @@ class Writer(Service):
         self.file: ImageFile | MetadataFile | None = None
         self.buffer: RamBuffer | None = None
         self._buffer_inode: int | None = None
-        #: (buffer, run) the open file records: a recording is one run of the ring's writer (the
-        #: driver ends one whose ids go back), taken from the slot of its first image in that buffer
+        #: (buffer, run) the open file records when its driver does not say each image's run (a C++
+        #: driver): a recording is one run of the ring's writer (the driver ends one whose ids go
+        #: back), taken from the slot of its first image in that buffer (see _run_of)
         self._file_run: tuple[RamBuffer, int] | None = None
         self._pull: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # the command socket's disconnect events
