@@ -632,3 +632,74 @@ def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writer
         if second is not None:
             second.close()
         first.close()
+
+
+def test_a_reader_that_missed_a_change_of_run_follows_its_writers_restart(make_config) -> None:
+    """Its floor behind the old writer's runs (it missed a change of run), every message of the
+    restarted writer (ids going on) looked like one the old writer may have sent: the reader
+    kept the old buffer for ever and lost every image (review 24). Twice with nothing queued,
+    it re-subscribes, with the new buffer's header."""
+    config, _ = make_config(ram_buffer_slots=64)
+    subscriber = ImageSubscriber(config)
+    first = ImagePublisher(config).open()
+    second = None
+    try:
+        subscriber.connect(wait=5)
+        assert first.wait_for_subscribers(1, timeout=5)
+        for image_id in range(5):
+            first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        assert [subscriber.receive(timeout=5).image_id for _ in range(5)] == list(range(5))
+        for image_id in range(5):  # a new run: dropped (taken off the socket unread)
+            first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            assert subscriber.socket.poll(5000) and subscriber.socket.recv()
+        first.close()
+        second = ImagePublisher(config).open()
+        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() > 0)
+        for image_id in (1000, 1001):  # it goes on from 1000: they may be the old writer's, by the floor
+            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            assert subscriber.receive(timeout=1) is None
+        assert subscriber.stats.totals()["lost"] == 2
+        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() == 1)
+        time.sleep(0.2)
+        for image_id in range(1002, 1007):
+            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+            np.testing.assert_array_equal(image.data, ramp(image_id, config.shape, config.dtype))
+        assert subscriber.stats.totals()["lost"] == 2
+    finally:
+        subscriber.close()
+        if second is not None:
+            second.close()
+        first.close()
+
+
+def test_a_buffer_left_by_a_killed_writer_is_not_read_for_its_successors_images(make_config, tmp_path) -> None:
+    """A reader that connected while a killed writer's buffer was left behind judged its
+    successor's images by the dead one's slots and header: it re-subscribed again and again,
+    missed images, and took one of the dead writer's images for the new one's (review 24)."""
+    import subprocess
+    import sys
+
+    config, path = make_config(ram_buffer_slots=64)
+    killed = ("import os, sys\nfrom stddaq.config import DetectorConfig\nfrom stddaq.bus import ImagePublisher, "
+              "image_metadata\nfrom stddaq.patterns import ramp\nc = DetectorConfig.load(sys.argv[1])\n"
+              "p = ImagePublisher(c).open()\nfor i in range(64):\n    p.publish_image(image_metadata(c, i), "
+              "ramp(i, c.shape, c.dtype))\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", killed, str(path)], check=True, timeout=60)
+    subscriber = ImageSubscriber(config).connect()  # maps the buffer left behind
+    publisher = None
+    try:
+        publisher = ImagePublisher(config).open()
+        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and publisher.subscriber_count() > 0)
+        for image_id in range(80):
+            publisher.publish_image(image_metadata(config, image_id), ramp(image_id + 500, config.shape, config.dtype))
+            image = subscriber.receive(timeout=5)
+            assert image is not None and image.image_id == image_id
+            np.testing.assert_array_equal(image.data, ramp(image_id + 500, config.shape, config.dtype))
+        totals = subscriber.stats.totals()
+        assert totals["lost"] == totals["gaps"] == 0, dict(totals)
+    finally:
+        subscriber.close()
+        if publisher is not None:
+            publisher.close()

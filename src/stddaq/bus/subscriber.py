@@ -139,6 +139,7 @@ class ImageSubscriber:
         self._run_floor, self._id_floor = 1, -1
         self._floor_at_connect: tuple[int, int, int] | None = None
         self._stuck = 0  # messages since the last image taken whose slot held another run, nothing else queued
+        self._kept_old = False  # _replaced kept the old buffer: the message may be its gone writer's
 
     # ------------------------------------------------------------------ lifetime
     def connect(self, wait: float = 0.0) -> ImageSubscriber:
@@ -229,6 +230,7 @@ class ImageSubscriber:
         than a ring behind took the old writer's last messages for the new one's images of the same
         ids. Then the old buffer stays (the message is lost there), and the next message checks again.
         """
+        self._kept_old = False
         now = time.monotonic()
         if not force and now < self._next_inode_check:
             return False
@@ -238,6 +240,7 @@ class ImageSubscriber:
             old, stale = self.buffer, self._missed_stale
             if old is not None and self._may_be_old(old, image_id):
                 self._next_inode_check = 0.0
+                self._kept_old = True
                 return False
             try:
                 self._attach()
@@ -440,6 +443,8 @@ class ImageSubscriber:
             if not self._replaced(image_id, last=last) or (run := self.buffer.held_run(image_id)) == -1:
                 self._past(image_id)
                 self.stats.add("lost")
+                if self._kept_old:
+                    self._lost_track()
                 return None
             buffer = self.buffer  # re-created by its writer: every id complete in it is that writer's
             self._gapless_since = image_id
@@ -450,9 +455,20 @@ class ImageSubscriber:
         if run is not None and self._same_channel:
             floor, above = self._run_floor, self._id_floor
             if run != (floor if image_id > above else floor + 1):  # _least_run, inline: the hot path
-                self._other_run(image_id, run, buffer)
-                return None
-            self._run_floor, self._id_floor = run, image_id
+                if not self._replaced(image_id, last=last):
+                    self._other_run(image_id, run)
+                    return None
+                buffer, run = self.buffer, self.buffer.held_run(image_id)  # re-created: check it there
+                self._gapless_since = image_id
+                if run == -1:
+                    self._past(image_id)
+                    self.stats.add("lost")
+                    return None
+                if run is not None and run != self._least_run(image_id):
+                    self._other_run(image_id, run)
+                    return None
+            if run is not None:
+                self._run_floor, self._id_floor = run, image_id
             self._stuck = 0
         else:
             run = None
@@ -465,7 +481,7 @@ class ImageSubscriber:
         """Move the run floor past a message not taken (module docstring): of ``_least_run`` or later."""
         self._run_floor, self._id_floor = self._least_run(image_id), image_id
 
-    def _other_run(self, image_id: int, run: int, buffer: RamBuffer) -> None:
+    def _other_run(self, image_id: int, run: int) -> None:
         """The slot of ``image_id`` holds that id complete, but stamped with another run than this
         message's: counted lost. Another run there with nothing else queued, twice with no image
         taken in between, means this reader lost track of the runs (it missed messages over a change
@@ -474,11 +490,8 @@ class ImageSubscriber:
         least = self._least_run(image_id)
         self._past(image_id)
         self.stats.add("lost")
-        empty = self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
-        self._stuck += empty
-        if self._stuck >= 2:
-            self._stuck = 0
-            self._resubscribe(buffer)
+        empty = self._lost_track()
+        if empty is None:
             why = ("this reader cannot tell its run any more (it missed messages while its queue was full): "
                    "reconnected")
         elif empty:
@@ -491,11 +504,27 @@ class ImageSubscriber:
                         "run this message is of (%d or later): counted lost; %s", self.address, image_id,
                         self.layout.name, image_id, run, least, why)
 
-    def _resubscribe(self, buffer: RamBuffer) -> None:
-        """A new SUB socket, and the floor read from the writer's header before it connects: every
-        message that reaches the new socket was sent after that. The last id stays: what is sent
-        while it connects makes a gap (and, complete in the buffer, counts missed)."""
-        sent = buffer.sent_last()
+    def _lost_track(self) -> bool | None:
+        """After a message lost to another run in its slot, or kept for a gone writer that may have
+        sent it: with nothing else queued, twice with no image taken in between, this reader has
+        lost track of the runs and re-subscribes (None then); else whether nothing was queued."""
+        empty = self.socket is not None and not self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        self._stuck += empty
+        if self._stuck < 2:
+            return empty
+        self._stuck = 0
+        self._resubscribe()
+        return None
+
+    def _resubscribe(self) -> None:
+        """A new SUB socket, and the floor read before it connects from the header of the buffer
+        under the channel's name now (re-mapped if its writer re-created it): every message that
+        reaches the new socket was sent after that. The last id stays: what is sent while it
+        connects makes a gap (and, complete in the buffer, counts missed)."""
+        if _inode(self.layout.name) != self._buffer_inode:
+            with contextlib.suppress(BusError, OSError):
+                self._attach()
+        sent = self.buffer.sent_last() if self.buffer is not None else None
         old, self.socket = self.socket, None
         old.close(0)
         if sent is not None:
