@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -17,19 +18,24 @@ from stddaq.patterns import ramp
 from stddaq.protocol import ImageMetadata, ImageMetadataCompression, ImageMetadataStatus
 
 
+@contextlib.contextmanager
 def _pair(config):
-    publisher = ImagePublisher(config).open()
-    subscriber = ImageSubscriber(config).connect()
-    assert publisher.wait_for_subscribers(1, timeout=5)
-    return publisher, subscriber
+    """A publisher and a subscriber connected to it (so it misses nothing), closed after."""
+    with ImagePublisher(config) as publisher, ImageSubscriber(config) as subscriber:
+        assert publisher.wait_for_subscribers(1, timeout=5)
+        yield publisher, subscriber
+
+
+def _ramps(publisher, config, ids, offset: int = 0) -> None:
+    """Publish image ``id`` with the pixels of the ramp of ``id + offset``, for each of ``ids``."""
+    for image_id in ids:
+        publisher.publish_image(image_metadata(config, image_id), ramp(image_id + offset, config.shape, config.dtype))
 
 
 def test_images_arrive_with_metadata_and_zero_copy_views(make_config) -> None:
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in range(10):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, range(10))
         for image_id in range(10):
             image = subscriber.receive(timeout=5)
             assert image is not None and image.image_id == image_id
@@ -42,29 +48,21 @@ def test_images_arrive_with_metadata_and_zero_copy_views(make_config) -> None:
         assert subscriber.receive(timeout=0.05) is None
         totals = subscriber.stats.totals()
         assert totals["processed_times"] == 10 and totals["lost"] == 0 and totals["invalid"] == 0 and totals["gaps"] == 0
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_compressed_image_is_a_blob_of_size_bytes(make_config) -> None:
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
+    with _pair(config) as (publisher, subscriber):
         metadata = image_metadata(config, 5)
         metadata.compression = ImageMetadataCompression.blosc2
         publisher.publish_image(metadata, b"0123456789abc")
         image = subscriber.receive(timeout=5)
         assert image.data.dtype == np.uint8 and image.data.tobytes() == b"0123456789abc"
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_garbage_is_counted_and_the_loop_goes_on(make_config, caplog) -> None:
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
+    with _pair(config) as (publisher, subscriber):
         too_big = image_metadata(config, 1)
         too_big.height = 10_000
         wrong_size = image_metadata(config, 2)
@@ -90,32 +88,23 @@ def test_garbage_is_counted_and_the_loop_goes_on(make_config, caplog) -> None:
         assert "expected 1 message part, got 2" in subscriber.last_error  # the last junk: counted once, parts drained
         # warned once per period, not once per message
         assert caplog.text.count("ignoring message") == 1
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_overwritten_slot_is_never_delivered(make_config) -> None:
     config, _ = make_config(ram_buffer_slots=4)
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in range(10):  # the reader has not read anything: slots of 0..5 are reused
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, range(10))  # the reader has not read anything: slots of 0..5 are reused
         delivered = []
         while (image := subscriber.receive(timeout=0.5)) is not None:
             assert np.array_equal(image.data, ramp(image.image_id, config.shape, config.dtype))
             delivered.append(image.image_id)
         assert delivered == [6, 7, 8, 9]
         assert subscriber.stats.totals()["lost"] == 6
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_overwrite_while_in_use_is_detected_by_confirm(make_config) -> None:
     config, _ = make_config(ram_buffer_slots=2)
-    publisher, subscriber = _pair(config)
-    try:
+    with _pair(config) as (publisher, subscriber):
         publisher.publish_image(image_metadata(config, 0), ramp(0, config.shape, config.dtype))
         image = subscriber.receive(timeout=5)
         assert image.intact()
@@ -126,24 +115,16 @@ def test_overwrite_while_in_use_is_detected_by_confirm(make_config) -> None:
             image.copy()
         totals = subscriber.stats.totals()
         assert totals["lost"] == 1 and totals["processed_times"] == 0
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_gaps_are_counted(make_config) -> None:
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in (1, 2, 5, 6, 10):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, (1, 2, 5, 6, 10))
         ids = [subscriber.receive(timeout=5).image_id for _ in range(5)]
         assert ids == [1, 2, 5, 6, 10]
         assert subscriber.stats.totals()["gaps"] == 2 + 3
         assert subscriber.stats.totals()["missed"] == 0  # ids that step: nothing was made between them
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_images_made_whose_metadata_never_came_are_counted_missed(make_config) -> None:
@@ -151,10 +132,8 @@ def test_images_made_whose_metadata_never_came_are_counted_missed(make_config) -
     never gets some messages: only `gaps` said so, which ids that step make normal, and the
     driver recorded on and said file_saved without those images."""
     config, _ = make_config(ram_buffer_slots=16)
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in range(3):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, range(3))
         ids = [subscriber.receive(timeout=5).image_id for _ in range(3)]  # the reader is there (mapped)
         for image_id in (3, 4):  # made and complete, their messages lost on the way
             publisher.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
@@ -164,9 +143,6 @@ def test_images_made_whose_metadata_never_came_are_counted_missed(make_config) -
         assert ids == [0, 1, 2, 5, 40]
         totals = subscriber.stats.totals()
         assert totals["gaps"] == 2 + 34 and totals["missed"] == 2, dict(totals)
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_images_a_killed_writer_made_but_never_sent_are_counted_missed(make_config) -> None:
@@ -177,8 +153,7 @@ def test_images_a_killed_writer_made_but_never_sent_are_counted_missed(make_conf
     try:
         with ImagePublisher(config) as first:
             assert first.wait_for_subscribers(1, timeout=5)
-            for image_id in range(3):
-                first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            _ramps(first, config, range(3))
             assert [subscriber.receive(timeout=5).image_id for _ in range(3)] == [0, 1, 2]
             for image_id in (3, 4):  # complete; the writer dies before their messages go
                 first.write_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
@@ -198,7 +173,9 @@ def test_an_earlier_runs_leftovers_are_not_counted_missed(make_config) -> None:
     earlier run's ids complete in the slots it skipped (12 counted missed, none was); and a
     short run, then a re-created buffer, counted 6 of the run before it."""
     config, _ = make_config(ram_buffer_slots=16)
-    publisher, subscriber = _pair(config)
+    publisher = ImagePublisher(config).open()  # not _pair: the writer is replaced below
+    subscriber = ImageSubscriber(config).connect()
+    assert publisher.wait_for_subscribers(1, timeout=5)
     got = []
 
     def send(ids) -> None:
@@ -242,10 +219,8 @@ def test_a_reader_a_ring_behind_a_restarted_writer_counts_nothing_missed(make_co
                     assert subscriber.receive(timeout=5).image_id == image_id
         with ImagePublisher(config) as restarted:
             # the reader resubscribes when its socket is used; EVENTS uses it without taking a message
-            assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0
-                              and restarted.subscriber_count() > 0)
-            for image_id in range(10):
-                restarted.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            assert _resubscribed(subscriber, restarted)
+            _ramps(restarted, config, range(10))
             while subscriber.receive(timeout=1) is not None:
                 pass
         assert subscriber.stats.totals()["missed"] == 0, dict(subscriber.stats.totals())
@@ -277,8 +252,7 @@ def test_behind_a_filter_that_republishes_some_images_none_is_missed(make_config
 def test_an_image_without_pixels_is_invalid(make_config) -> None:
     """A 0x0 image went on as good: the live stream sent "shape":[0,0], which its own decoders refuse."""
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
+    with _pair(config) as (publisher, subscriber):
         empty = image_metadata(config, 1)
         empty.height = empty.size = 0
         publisher.socket.send(empty.SerializeToString())  # not an image it wrote
@@ -286,9 +260,6 @@ def test_an_image_without_pixels_is_invalid(make_config) -> None:
         assert subscriber.receive(timeout=5).image_id == 2
         assert subscriber.stats.totals()["invalid"] == 1
         assert subscriber.last_error == f"image 1: shape 0x{config.image_pixel_width} has no pixels"
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_count_complete_sees_only_what_the_ring_still_holds(make_config) -> None:
@@ -486,12 +457,46 @@ def test_an_ipc_name_another_process_listens_on_is_not_taken_over(make_config) -
         unlink_ipc(address)
 
 
-def _two_runs(publisher, config, ids, offset: int = 0) -> None:
+def _two_runs(publisher, config, ids) -> None:
     """Run 1 and run 2 of ``ids``: the writer begins its ids again; run 2's pixels are the ramp of id + 1000."""
-    for run in (0, 1000):
-        for image_id in ids:
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id + run + offset, config.shape,
-                                                                           config.dtype))
+    _ramps(publisher, config, ids)
+    _ramps(publisher, config, ids, 1000)
+
+
+def _takes(subscriber, config, image_id: int, offset: int = 0):
+    """The next image the subscriber hands on: ``image_id``, with the pixels of the ramp of ``image_id + offset``."""
+    image = subscriber.receive(timeout=5)
+    assert image is not None and image.image_id == image_id
+    np.testing.assert_array_equal(image.data, ramp(image_id + offset, config.shape, config.dtype))
+    return image
+
+
+@contextlib.contextmanager
+def _reader_of_a_restarted_writer(config):
+    """(subscriber, writer 1, restart): the subscriber connected to writer 1; ``restart()`` closes
+    writer 1, opens writer 2 (a new buffer) and returns it once the subscriber is connected to it."""
+    subscriber = ImageSubscriber(config)
+    writers = [ImagePublisher(config).open()]
+
+    def restart() -> ImagePublisher:
+        writers[0].close()
+        writers.append(ImagePublisher(config).open())
+        assert _resubscribed(subscriber, writers[1])
+        return writers[1]
+
+    try:
+        subscriber.connect(wait=5)
+        assert writers[0].wait_for_subscribers(1, timeout=5)
+        yield subscriber, writers[0], restart
+    finally:
+        subscriber.close()
+        for writer in writers:
+            writer.close()
+
+
+def _resubscribed(subscriber, publisher) -> bool:
+    """Whether the subscriber's socket is connected to a restarted ``publisher`` (a SUB reconnects when used)."""
+    return wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and publisher.subscriber_count() > 0)
 
 
 def test_a_lagging_reader_never_takes_the_next_runs_image_under_its_metadata(make_config) -> None:
@@ -500,34 +505,22 @@ def test_a_lagging_reader_never_takes_the_next_runs_image_under_its_metadata(mak
     every counter 0). Each slot now holds its image's run, and the reader works out the run of
     each message from their order."""
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
+    with _pair(config) as (publisher, subscriber):
         _two_runs(publisher, config, range(10))  # run 1's messages come first: their slots hold run 2's images
         for image_id in range(10):
-            image = subscriber.receive(timeout=5)
-            assert image is not None and image.image_id == image_id
-            np.testing.assert_array_equal(image.data, ramp(image_id + 1000, config.shape, config.dtype))
-            assert image.intact()
+            assert _takes(subscriber, config, image_id, 1000).intact()
         assert subscriber.stats.totals()["lost"] == 10
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_an_image_in_use_is_not_intact_once_the_next_run_rewrote_its_id(make_config) -> None:
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in range(6):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, range(6))
         image = subscriber.receive(timeout=5)
         assert image.image_id == 0 and image.intact()
         publisher.publish_image(image_metadata(config, 0), ramp(7, config.shape, config.dtype))  # ids went back
         assert not image.intact()  # the same id, complete, but another run's
         assert not subscriber.confirm(image)
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 @pytest.mark.parametrize("sent_before", [0, 10])
@@ -537,18 +530,13 @@ def test_a_reader_that_connects_takes_every_run_after_it(make_config, sent_befor
     config, _ = make_config()
     publisher = ImagePublisher(config).open()
     try:
-        for image_id in range(sent_before):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+        _ramps(publisher, config, range(sent_before))
         subscriber = ImageSubscriber(config).connect()
         try:
             assert publisher.wait_for_subscribers(1, timeout=5)
-            for image_id in range(5):  # a new run (after the first) begins at 0
-                publisher.publish_image(image_metadata(config, image_id), ramp(image_id + 50, config.shape,
-                                                                                config.dtype))
+            _ramps(publisher, config, range(5), 50)  # a new run (after the first) begins at 0
             for image_id in range(5):
-                image = subscriber.receive(timeout=5)
-                assert image is not None and image.image_id == image_id
-                np.testing.assert_array_equal(image.data, ramp(image_id + 50, config.shape, config.dtype))
+                _takes(subscriber, config, image_id, 50)
             assert subscriber.stats.totals()["lost"] == 0
         finally:
             subscriber.close()
@@ -562,31 +550,23 @@ def test_a_reader_that_missed_a_change_of_run_reconnects(make_config) -> None:
     queued it reconnects, with the run read from the writer's header. (The dropped messages are
     taken off the socket here, unread: a full queue is not made to order.)"""
     config, _ = make_config()
-    publisher, subscriber = _pair(config)
-    try:
-        for image_id in range(5):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _pair(config) as (publisher, subscriber):
+        _ramps(publisher, config, range(5))
         assert [subscriber.receive(timeout=5).image_id for _ in range(5)] == list(range(5))
         _two_runs(publisher, config, range(5))  # the rest of run 1, run 2 from 0: dropped
         for _ in range(10):
             assert subscriber.socket.poll(5000) and subscriber.socket.recv()
         for image_id in (5, 6):  # run 2 goes on, above where run 1 was: it may be either
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            _ramps(publisher, config, [image_id])
             assert subscriber.receive(timeout=1) is None  # lost, and nothing else queued
         assert subscriber.stats.totals()["lost"] == 2  # the second time: reconnected
         socket = subscriber.socket
         assert publisher.wait_for_subscribers(1, timeout=5)
         time.sleep(0.2)  # the old connection's goodbye and the new one's handshake
+        _ramps(publisher, config, range(7, 12))
         for image_id in range(7, 12):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
-        for image_id in range(7, 12):
-            image = subscriber.receive(timeout=5)
-            assert image is not None and image.image_id == image_id
-            np.testing.assert_array_equal(image.data, ramp(image_id, config.shape, config.dtype))
+            _takes(subscriber, config, image_id)
         assert subscriber.stats.totals()["lost"] == 2 and subscriber.socket is socket
-    finally:
-        subscriber.close()
-        publisher.close()
 
 
 def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writers_images_from_the_new_one(
@@ -596,12 +576,7 @@ def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writer
     first overwritten image and took writer 1's messages 136-199 with writer 2's pixels (review
     23: 64 of 128). The old writer's header says which messages may still be its own."""
     config, _ = make_config(ram_buffer_slots=64)
-    subscriber = ImageSubscriber(config)
-    first = ImagePublisher(config).open()
-    second = None
-    try:
-        subscriber.connect(wait=5)
-        assert first.wait_for_subscribers(1, timeout=5)
+    with _reader_of_a_restarted_writer(config) as (subscriber, first, restart):
 
         def send_run(publisher: ImagePublisher, writer: int) -> None:
             for image_id in range(200):
@@ -611,9 +586,7 @@ def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writer
 
         send_run(first, 1)
         time.sleep(0.3)  # in the reader's queue
-        first.close()
-        second = ImagePublisher(config).open()
-        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() > 0)
+        second = restart()
         send_run(second, 2)
         got = {1: [], 2: []}
         while (image := subscriber.receive(timeout=1)) is not None:
@@ -623,15 +596,10 @@ def test_a_reader_a_ring_behind_over_a_writer_restart_never_takes_the_old_writer
         assert got == {1: list(range(136, 200)), 2: list(range(136, 200))}
         assert subscriber.stats.totals()["lost"] == 272, dict(subscriber.stats.totals())
         for image_id in range(200, 300):  # and it keeps up with the new writer (review 23: it lost every image)
-            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            _ramps(second, config, [image_id])
             image = subscriber.receive(timeout=5)
             assert image is not None and image.image_id == image_id
         assert subscriber.stats.totals()["lost"] == 272
-    finally:
-        subscriber.close()
-        if second is not None:
-            second.close()
-        first.close()
 
 
 def test_a_reader_that_missed_a_change_of_run_follows_its_writers_restart(make_config) -> None:
@@ -640,38 +608,23 @@ def test_a_reader_that_missed_a_change_of_run_follows_its_writers_restart(make_c
     kept the old buffer for ever and lost every image (review 24). Twice with nothing queued,
     it re-subscribes, with the new buffer's header."""
     config, _ = make_config(ram_buffer_slots=64)
-    subscriber = ImageSubscriber(config)
-    first = ImagePublisher(config).open()
-    second = None
-    try:
-        subscriber.connect(wait=5)
-        assert first.wait_for_subscribers(1, timeout=5)
-        for image_id in range(5):
-            first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+    with _reader_of_a_restarted_writer(config) as (subscriber, first, restart):
+        _ramps(first, config, range(5))
         assert [subscriber.receive(timeout=5).image_id for _ in range(5)] == list(range(5))
         for image_id in range(5):  # a new run: dropped (taken off the socket unread)
-            first.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            _ramps(first, config, [image_id])
             assert subscriber.socket.poll(5000) and subscriber.socket.recv()
-        first.close()
-        second = ImagePublisher(config).open()
-        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() > 0)
+        second = restart()
         for image_id in (1000, 1001):  # it goes on from 1000: they may be the old writer's, by the floor
-            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
+            _ramps(second, config, [image_id])
             assert subscriber.receive(timeout=1) is None
         assert subscriber.stats.totals()["lost"] == 2
         assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and second.subscriber_count() == 1)
         time.sleep(0.2)
         for image_id in range(1002, 1007):
-            second.publish_image(image_metadata(config, image_id), ramp(image_id, config.shape, config.dtype))
-            image = subscriber.receive(timeout=5)
-            assert image is not None and image.image_id == image_id
-            np.testing.assert_array_equal(image.data, ramp(image_id, config.shape, config.dtype))
+            _ramps(second, config, [image_id])
+            _takes(subscriber, config, image_id)
         assert subscriber.stats.totals()["lost"] == 2
-    finally:
-        subscriber.close()
-        if second is not None:
-            second.close()
-        first.close()
 
 
 def test_a_buffer_left_by_a_killed_writer_is_not_read_for_its_successors_images(make_config, tmp_path) -> None:
@@ -691,12 +644,10 @@ def test_a_buffer_left_by_a_killed_writer_is_not_read_for_its_successors_images(
     publisher = None
     try:
         publisher = ImagePublisher(config).open()
-        assert wait_until(lambda: subscriber.socket.getsockopt(zmq.EVENTS) >= 0 and publisher.subscriber_count() > 0)
+        assert _resubscribed(subscriber, publisher)
         for image_id in range(80):
-            publisher.publish_image(image_metadata(config, image_id), ramp(image_id + 500, config.shape, config.dtype))
-            image = subscriber.receive(timeout=5)
-            assert image is not None and image.image_id == image_id
-            np.testing.assert_array_equal(image.data, ramp(image_id + 500, config.shape, config.dtype))
+            _ramps(publisher, config, [image_id], 500)
+            _takes(subscriber, config, image_id, 500)
         totals = subscriber.stats.totals()
         assert totals["lost"] == totals["gaps"] == 0, dict(totals)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -211,16 +212,23 @@ def test_overwritten_image_is_reported_never_written(make_config, service, drive
         assert np.array_equal(f[f"{config.detector_name}/data"][0], ramp(8, config.shape, config.dtype))
 
 
+@contextlib.contextmanager
+def _a_file_of_a_writer(make_config, service, driver, path: Path):
+    """(config, its source's publisher, a FakeDriver) of a writer process (64 slots) with ``path`` created."""
+    config, config_path = make_config(number_of_writers=1, ram_buffer_slots=64)
+    with ImagePublisher(config) as publisher:
+        service(WRITER, config_path, 0)
+        d = driver(config)
+        assert d.create(path).code == ResponseCode.SUCCESS
+        yield config, publisher, d
+
+
 def test_an_image_its_source_wrote_again_in_a_new_run_is_reported_never_written(make_config, service, driver,
                                                                                  tmp_path) -> None:
     """The same id of the source's next run in the slot (it began its ids again before the writer
     got there) passed the guard: the file got run 2's pixels under run 1's metadata. A file holds
     one run; a slot of another run is lost."""
-    config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
-    with ImagePublisher(config) as publisher:
-        service(WRITER, path, 0)
-        d = driver(config)
-        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+    with _a_file_of_a_writer(make_config, service, driver, tmp_path / "f.h5") as (config, publisher, d):
         first_run = [_publish(publisher, config, image_id) for image_id in range(4)]
         for image_id in range(2):
             d.record(first_run[image_id])
@@ -245,11 +253,7 @@ def test_a_writer_a_run_behind_at_its_files_first_image_takes_the_run_the_driver
     """A writer behind by a whole run at a file's first image took the run its slot held then
     (the next run's) for the file's: the file got run 2's pixels under run 1's metadata as good
     (review 23, 10 of 10 rows). The driver says each image's run with record_image."""
-    config, path = make_config(number_of_writers=1, ram_buffer_slots=64)
-    with ImagePublisher(config) as publisher:
-        service(WRITER, path, 0)
-        d = driver(config)
-        assert d.create(tmp_path / "f.h5").code == ResponseCode.SUCCESS
+    with _a_file_of_a_writer(make_config, service, driver, tmp_path / "f.h5") as (config, publisher, d):
         first_run = [_publish(publisher, config, image_id) for image_id in range(4)]
         for image_id in range(4):  # run 2 rewrites them all before the writer reads the first
             _publish(publisher, config, image_id, pixels=ramp(image_id + 100, config.shape, config.dtype))
