@@ -21,6 +21,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+import zmq
 from conftest import LateReader, wait_until
 
 from stddaq.bus import Image, ImagePublisher, ImageSubscriber, RamBuffer, image_metadata
@@ -593,6 +594,40 @@ def test_the_last_stats_line_counts_what_is_finished_while_closing(make_config, 
         assert service_main("closing", parser, lambda c, _a: Closing(c), [str(path)]) == 0
     lines = "\n".join(record.getMessage() for record in caplog.records)
     assert stage_totals(lines, config.detector_name, "closing")["compressed"] == 3
+
+
+def test_a_start_that_fails_with_a_socket_open_raises_instead_of_hanging(make_config) -> None:
+    """std_live_stream --hwm 99999999999999 hung for ever: its start failed after making a socket
+    it had not kept yet, and the context's term() waited for that socket to be closed."""
+    from stddaq.services.base import Service
+
+    class LeavesASocket(Service):
+        name = "leaves_a_socket"
+
+        def _start(self) -> None:
+            sock = self.ctx.socket(zmq.PUB)  # kept alive by the traceback's frame, not by the service
+            sock.setsockopt(zmq.SNDHWM, 2**40)  # OverflowError
+
+        def _close(self) -> None:
+            pass
+
+    config, _ = make_config()
+    service = LeavesASocket(config)
+    failed: list[BaseException] = []
+    starter = threading.Thread(target=lambda: failed.extend(_raised(service.start)), daemon=True)
+    starter.start()
+    starter.join(10)
+    assert not starter.is_alive(), "start() hangs"
+    assert [type(exc) for exc in failed] == [OverflowError]
+    assert service.ctx is None
+
+
+def _raised(call) -> list[BaseException]:
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001
+        return [exc]
+    return []
 
 
 def test_the_loop_thread_takes_back_work_no_worker_has_started(make_config) -> None:

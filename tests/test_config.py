@@ -130,6 +130,10 @@ def test_channel_names_and_unknown_keys_kept() -> None:
     assert config.to_dict()["future_key"] == {"a": 1}
     with pytest.raises(ConfigError, match="suffix"):
         config.channel("a/b")
+    longest = "s" * (107 - len("/tmp/GF2-"))
+    assert len(config.ipc_address(longest)) == len("ipc://") + 107
+    with pytest.raises(ConfigError, match=r"too long: its socket path /tmp/GF2-s+ would have 108 bytes"):
+        config.channel(longest + "s")
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

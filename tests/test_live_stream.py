@@ -510,6 +510,9 @@ def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, s
     # libzmq bound port 99999 as 34463 (and -5 as 65531) without a word
     (["--address", "tcp://127.0.0.1:99999"], "address 'tcp://127.0.0.1:99999' is not allowed"),
     (["--address", "tcp://127.0.0.1:-5"], "PORT 0..65535"),
+    # these two hung for ever without a word: a socket left open kept the context's term() waiting
+    (["--hwm", "99999999999999"], "99999999999999 is not allowed: must be 1..2147483647"),
+    (["-s", "s" * 100], "is too long: its socket path"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(make_config, service, args: list, message: str) -> None:
     config, path = make_config()

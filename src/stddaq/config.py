@@ -34,8 +34,10 @@ STAGE_SUFFIXES = {"blosc2": "blosc2", "h5bitshuffle_lz4": "h5bitshuffle-lz4"}
 StrictPositiveInt = Annotated[int, Field(strict=True, gt=0)]
 StrictNonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 PositiveNumber = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
-#: the longest ipc socket path is /tmp/<name>-h5bitshuffle-lz4, and a socket path has at most 107 bytes
-MAX_NAME_LENGTH = 107 - len("/tmp/") - len("-h5bitshuffle-lz4")
+#: a unix socket path (the ipc address without ``ipc://``) has at most 107 bytes
+MAX_IPC_PATH = 107
+#: the longest ipc socket path of the standard channels is /tmp/<name>-h5bitshuffle-lz4
+MAX_NAME_LENGTH = MAX_IPC_PATH - len("/tmp/") - len("-h5bitshuffle-lz4")
 
 
 class LiveStreamConfig(BaseModel):
@@ -191,7 +193,11 @@ class DetectorConfig(BaseModel):
         """Name of a bus channel: the shm object and the ipc socket file share it."""
         if not re.fullmatch(NAME_PATTERN, suffix):
             raise ConfigError(f"channel suffix {suffix!r} is not allowed: use letters, digits, '_', '.', '-'")
-        return f"{self.detector_name}-{suffix}"
+        channel = f"{self.detector_name}-{suffix}"
+        if len(f"/tmp/{channel}".encode()) > MAX_IPC_PATH:
+            raise ConfigError(f"channel suffix {suffix!r} is too long: its socket path /tmp/{channel} would have "
+                              f"{len(f'/tmp/{channel}'.encode())} bytes, a unix socket path at most {MAX_IPC_PATH}")
+        return channel
 
     def ipc_address(self, suffix: str) -> str:
         return f"ipc:///tmp/{self.channel(suffix)}"

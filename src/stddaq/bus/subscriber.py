@@ -175,7 +175,12 @@ class ImageSubscriber:
         self.socket = sock
         self._rcvtimeo = None  # receive() sets it on this socket
         if connect:
-            sock.connect(self.address)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                self.socket = None
+                sock.close(0)  # a socket left open would make its context's term() wait forever
+                raise BusError(f"cannot connect to {self.address}: {exc}") from None
         return sock
 
     def attach(self, wait: float = 0.0) -> RamBuffer:

@@ -118,7 +118,10 @@ class Service:
                 self._close()
             finally:
                 if self._own_ctx and self.ctx is not None:
-                    self.ctx.term()
+                    if self.state is State.failed:
+                        self.ctx.destroy(linger=0)  # a socket a failed start or step left open must not make term() wait forever
+                    else:
+                        self.ctx.term()
                     self.ctx = None
         if self._fatal is not None:
             fatal, self._fatal = self._fatal, None
@@ -164,6 +167,9 @@ def number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callab
 
 
 positive_int = number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
+#: a count that libzmq keeps in a C int (a high-water mark)
+MAX_C_INT = 2**31 - 1
+c_int_count = number_type(int, "an integer", f"1..{MAX_C_INT}", lambda v: 0 < v <= MAX_C_INT, "c_int_count")
 non_negative_int = number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
 port_number = number_type(int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
                            "port_number")

@@ -45,7 +45,7 @@ from stddaq.formats.array10 import Array10Encoder
 from stddaq.formats.bsread import BsreadEncoder
 from stddaq.formats.compression import CodecError, bitshuffle_lz4_encode, check_chunk, decode
 from stddaq.protocol import ImageMetadata, ImageMetadataCompression, numpy_dtype
-from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
+from stddaq.services.base import MAX_C_INT, ArgumentParser, Service, c_int_count, service_main
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,8 @@ class LiveStream(Service):
         self.stream_type = stream_type
         self.source_suffix = source_suffix
         self.metadata_suffix = metadata_suffix
+        if hwm is not None and not 0 < hwm <= MAX_C_INT:
+            raise UsageError(f"--hwm {hwm} is not allowed: must be 1..{MAX_C_INT} images")
         self.hwm = hwm or default_hwm(config.image_n_bytes)
         self.selector = Selector(mode, self.clock)
         self.subscriber: ImageSubscriber | None = None
@@ -184,13 +186,12 @@ class LiveStream(Service):
 
     # ------------------------------------------------------------------ lifecycle
     def _start(self) -> None:
-        sock = self.ctx.socket(zmq.XPUB)
+        sock = self.socket = self.ctx.socket(zmq.XPUB)  # kept at once: _close() closes it if the start fails
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.hwm)
         sock.setsockopt(zmq.XPUB_NODROP, 1)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription, so they can be counted
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)
-        self.socket = sock
         self.endpoints = {"stream": bind(sock, self.address, "the live stream")}
         self.subscriber = ImageSubscriber(self.config, self.source_suffix, ctx=self.ctx, stats=self.counters,
                                           metadata_suffix=self.metadata_suffix).connect()
@@ -387,7 +388,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("-f", "--forward", action="store_true", help="forward every image")
     parser.add_argument("-p", "--periodic", metavar="Y:N", help="N times a second send the next Y images")
     parser.add_argument("-b", "--batch", metavar="Y:N", help="send images with image_id %% N < Y")
-    parser.add_argument("--hwm", type=positive_int, default=None,
+    parser.add_argument("--hwm", type=c_int_count, default=None,
                         help="images queued per subscriber before it misses images (default: 64 MiB worth, <= 1000)")
     return parser
 
