@@ -11,16 +11,27 @@ order, and they arrive interleaved. Read one socket empty after the other, 3000 
 with 6 to 700 "ids went back" and 3,000 to 170,000 false ``gaps`` at every reader; read in turn,
 one each, still 31 and 1209 when one connection's queue had fallen behind. So the connections
 are merged: each has its next message decoded and waiting, and the lowest id of those is
-written next (one waiting longer than the window is written anyway: ids that went back). A
-connection with nothing waiting cannot say its next id is not lower, so the metadata messages
-also pass through ``InOrder``: the pixels go into their slot at once, the message waits until
-the images before it are published, for at most ``REORDER_PER_CONNECTION`` messages per
-connection. Ids that do not follow one another (a pulse id stepping by 4, or an id the detector
-skipped) wait that long: a window counted in images, not ids, and far below the ring, whose
-slots a stepping id uses only a fraction of (a window of 256 lost most images of a stream
-stepping by 4 into 1000 slots). Nothing waits longer than the receiver has something to read:
-when no connection has had anything for ``IDLE_GRACE`` s (a lower id may still be on its way
-over another one), every held message goes.
+written next. A connection with nothing waiting cannot say its next id is not lower: when the
+lowest waiting id does not follow the last written (more than the stream's step above it) and
+a connection with nothing waiting is behind it (its last id too), the merge waits for that
+connection. A sender far ahead fills the connections' TCP windows, and one of them then stays
+silent for up to 190 ms (seen here: about Linux's least TCP retransmission timeout, 200 ms)
+while the others deliver thousands of images: written past after 10 ms, 20000 images came out with 9 to 700 "ids went back". So it
+waits up to ``LAG_WAIT_BUSY`` while the others have more queued, ``LAG_WAIT`` when they have not
+(a slow stream, or an id the detector skipped); one that stays silent is not waited for again
+until it has something.
+
+A connection whose ids go back (a sender that began its ids again) is in the next run; one
+that goes on above the ids written goes on in their run. A message of an old run passed over
+by the new run's for more than the window goes then (ids that went back), never held until
+the new run reaches its id. The metadata messages also pass through ``InOrder``: the pixels go
+into their slot at once, the message waits until the images before it are published, for at
+most ``REORDER_PER_CONNECTION`` messages per connection and half a ring of ids. Ids that step
+(a pulse id stepping by 100, of which a ring of 1000 slots holds 10) follow one another by their
+step, learnt from the last ``STEP_HISTORY`` ids released: held for a window of 16, each went out
+just before its slot was written again, and readers got 35 of 3000. Nothing waits longer than
+the receiver has something to read: when no connection has had anything for ``IDLE_GRACE`` s,
+every held message goes.
 """
 
 from __future__ import annotations
@@ -80,6 +91,12 @@ DEFAULT_PULL_CONNECTIONS = 4
 REORDER_PER_CONNECTION = 4
 #: seconds the connections must all stay empty before the held messages go (module docstring)
 IDLE_GRACE = 0.002
+#: seconds the merge waits for a connection behind the others before it writes past it (module docstring),
+#: in a slow stream and while the others have more queued
+LAG_WAIT = 0.01
+LAG_WAIT_BUSY = 1.0
+#: released ids whose steps give the stream's own step (module docstring)
+STEP_HISTORY = 8
 #: at stop, seconds spent at most writing what the connections' queues still hold (it reached us)
 CLOSE_DRAIN = 0.5
 
@@ -125,6 +142,20 @@ class InOrder:
         self._added = 0  # messages added so far
         self._went_back: int | None = None  # where the ids were when they last went back (see add)
         self._order: deque[tuple[int, int, object]] = deque()  # (id, when added, message) held, oldest first
+        self._steps: deque[int] = deque(maxlen=STEP_HISTORY)  # between the last ids released in order
+        #: ids a held message stays behind the newest at most: half a ring left to read it in
+        self.max_distance = max(1, n_slots // 2)
+
+    @property
+    def step(self) -> int:
+        """The stream's step: the smallest of the last STEP_HISTORY steps between ids released (1
+        until there are that many: a gap at the start is not a step)."""
+        steps = self._steps
+        return min(steps) if len(steps) == STEP_HISTORY else 1
+
+    def follows(self, image_id: int) -> bool:
+        """Whether ``image_id`` is the next id of the stream (within its step of the last released)."""
+        return self._next is not None and self._next <= image_id < self._next + self.step
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -158,7 +189,8 @@ class InOrder:
         self._added += 1
         self._order.append((image_id, self._added, message))
         out = []
-        while self._ids and (self._ids[0] == self._next or len(self._ids) > self.window):
+        ids, follows, window, oldest_kept = self._ids, self.follows, self.window, image_id - self.max_distance
+        while ids and (follows(ids[0]) or len(ids) > window or ids[0] <= oldest_kept):
             out.append(self._pop())
         order, mark, messages = self._order, self._went_back, self._messages
         while order and messages.get(order[0][0]) is not order[0][2]:
@@ -182,6 +214,8 @@ class InOrder:
     def _pop(self) -> object:
         image_id = heapq.heappop(self._ids)
         del self._slots[image_id % self.n_slots]
+        if self._next is not None and image_id >= self._next:
+            self._steps.append(image_id - self._next + 1)
         self._next = image_id + 1
         return self._messages.pop(image_id)
 
@@ -219,6 +253,11 @@ class StreamReceiver(Service):
         self.suffix = suffix
         self.sockets: list[zmq.Socket] = []
         self._heads: list[_Head | None] = []  # per connection: its next message, not written yet (see _step)
+        self._last: list[int | None] = []  # per connection: the id of its last message (its ids rise in a run)
+        self._runs: list[int] = []  # per connection: how often its ids went back (the run it is in)
+        self._stalled: list[bool] = []  # per connection: waited for, had nothing: not waited for again until it has
+        self._written: int | None = None  # the id the merge wrote last
+        self._written_run = 0  # the run of the connection it took the last id from in id order
         self._received = 0  # messages decoded so far: a head's age
         self.publisher: ImagePublisher | None = None
         window = min(REORDER_PER_CONNECTION * self.n_connections, config.n_slots // 4) if self.n_connections > 1 else 0
@@ -237,6 +276,9 @@ class StreamReceiver(Service):
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             self.sockets.append(sock)
             self._heads.append(None)
+            self._last.append(None)
+            self._runs.append(0)
+            self._stalled.append(False)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
@@ -259,9 +301,9 @@ class StreamReceiver(Service):
                 deadline = self.clock() + CLOSE_DRAIN
                 while self.clock() < deadline:
                     self._refill(self._heads)
-                    if not self._write_next(self._heads) and not self._poller.poll(IDLE_GRACE * 1000):
+                    if self._write_next(self._heads) is False and not self._poller.poll(IDLE_GRACE * 1000):
                         break
-                while self._write_next(self._heads):  # a sender still sending: what is decoded goes too
+                while self._write_next(self._heads, wait=False):  # a sender still sending: what is decoded goes too
                     pass
                 self._send(self.in_order.drain())
                 left = self._count_left()
@@ -308,7 +350,8 @@ class StreamReceiver(Service):
             return True
         while True:
             self._refill(heads)
-            if not self._write_next(heads):
+            written = self._write_next(heads)
+            if written is False:
                 if in_order and poller.poll(IDLE_GRACE * 1000):
                     continue
                 self._send(in_order.drain())
@@ -316,18 +359,50 @@ class StreamReceiver(Service):
             if self.clock() >= deadline:
                 return True
 
-    def _write_next(self, heads: list) -> bool:
-        """Write the waiting message that goes next (module docstring); False if none waits."""
+    def _write_next(self, heads: list, wait: bool = True) -> bool | None:
+        """Write the waiting message that goes next (module docstring); False if none waits, None if
+        none was written because a connection behind the others got something (refill and ask again)."""
         waiting = [index for index, head in enumerate(heads) if head is not None]
         if not waiting:
             return False
         first = min(waiting, key=lambda index: heads[index].image_id)
         oldest = min(waiting, key=lambda index: heads[index].seq)
-        if self._received - heads[oldest].seq > self.in_order.window:  # passed over too often (ids went back)
-            first = oldest
+        runs = self._runs
+        if runs[oldest] < runs[first] and self._received - heads[oldest].seq > self.in_order.window:
+            first = oldest  # an old run's image passed over by the new run's (its ids went back): it goes
+        else:
+            if wait:
+                behind = self._behind(heads, first)
+                if behind:
+                    if zmq.select([self.sockets[index] for index in behind], [], [], self._lag_wait(heads))[0]:
+                        return None
+                    for index in behind:
+                        self._stalled[index] = True
+            if self._written is not None and heads[first].image_id > self._written:
+                runs[first] = max(runs[first], self._written_run)  # it goes on from the run written
+            self._written_run = runs[first]
         head, heads[first] = heads[first], None
         self._write(head.image_id, head.pixels, head.extra)
+        self._written = head.image_id
         return True
+
+    def _lag_wait(self, heads: list) -> float:
+        """How long to wait for connections behind: long while the others have more queued (the
+        sender is ahead: a connection it filled can stay silent for about 200 ms),
+        short when they have not (a slow stream: its next image is the one to wait for)."""
+        for index, head in enumerate(heads):
+            if head is not None and self.sockets[index].getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return LAG_WAIT_BUSY
+        return LAG_WAIT
+
+    def _behind(self, heads: list, first: int) -> list[int]:
+        """The connections with nothing waiting whose next id may still be below the one at ``first``:
+        their last id and the last written are more than a step below it (module docstring)."""
+        image_id, written = heads[first].image_id, self._written
+        step, last, stalled = self.in_order.step, self._last, self._stalled
+        return [index for index, head in enumerate(heads)
+                if head is None and not stalled[index] and last[index] is not None
+                and max(last[index], written if written is not None else last[index]) + step < image_id]
 
     def _refill(self, heads: list) -> None:
         """Give each connection without a waiting message its next usable one, decoded (or None)."""
@@ -341,6 +416,13 @@ class StreamReceiver(Service):
                 if decoded is not None:
                     self._received += 1
                     heads[index] = _Head(*decoded, parts, self._received)
+                    last, image_id = self._last[index], decoded[0]
+                    if last is None:  # its first: of the run the others are in
+                        self._runs[index] = max(self._runs)
+                    elif image_id <= last:
+                        self._runs[index] += 1
+                    self._last[index] = image_id
+                    self._stalled[index] = False
 
     def _send(self, messages: list[tuple[int, bytes]]) -> None:
         send = self.publisher.send
