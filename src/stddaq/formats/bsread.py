@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,10 +147,11 @@ def decode_data_header(data: bytes | memoryview) -> BsreadChannel:
     return BsreadChannel(name, (shape[1], shape[0]), kind, compression)
 
 
-def decode(parts: list, max_bytes: int | None = None) -> tuple[dict, BsreadChannel, np.ndarray]:
-    """(main header, channel, pixels) of one message; checks the hash and the blob. An image of
-    more than ``max_bytes`` (a receiver's slot) is refused before anything is decompressed: a
-    few hundred bytes claiming 131072x131072 pixels ended the receiver (or its memory)."""
+def decode(parts: list, check: Callable[[int, BsreadChannel], None] | None = None
+           ) -> tuple[dict, BsreadChannel, np.ndarray]:
+    """(main header, channel, pixels) of one message; checks the hash and the blob. ``check(pulse
+    id, channel)`` is called before anything is decompressed, to refuse (raise) what its caller
+    has no room for: a few hundred bytes claiming 131072x131072 pixels ended a receiver (or its memory)."""
     if len(parts) != 4:
         raise FormatError(f"bsread message has {len(parts)} parts, expected 4 (main header, data header, data, "
                           "timestamp)")
@@ -159,9 +161,8 @@ def decode(parts: list, max_bytes: int | None = None) -> tuple[dict, BsreadChann
     if main["hash"] != digest:
         raise FormatError(f"bsread main header field 'hash' is {main['hash']!r} but the data header's md5 is {digest!r}")
     channel = decode_data_header(data_header)
-    if max_bytes is not None and channel.shape[0] * channel.shape[1] * channel.dtype.itemsize > max_bytes:
-        raise FormatError(f"bsread channel {channel.name!r} of pulse {main['pulse_id']} is {list(channel.shape)} "
-                          f"{channel.type}, more than the {max_bytes} bytes of an image here")
+    if check is not None:
+        check(main["pulse_id"], channel)
     blob = memoryview(parts[2])
     if channel.compression == COMPRESSION:
         try:

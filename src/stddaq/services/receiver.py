@@ -59,34 +59,42 @@ SOCKET_TYPES = {"pull": zmq.PULL, "sub": zmq.SUB}
 RECEIVER_COUNTERS = ("invalid", "mismatch", "lost")
 
 
-def decode_message(stream_type: str, parts: list, max_bytes: int | None = None,
-                   gigafrost: bool = False) -> tuple[int, np.ndarray, dict]:
-    """(image id, pixels, extra) of one message; FormatError if it is not one of ``stream_type``
-    (or, bsread, claims an image of more than ``max_bytes``: refused before it is decompressed).
-    ``gigafrost``: a GigaFRoST's own array-1.0 header fields go into extra["gf"] (for the
-    services after it, a std_delay_filter), what was wrong with them into extra["problems"]."""
+class Mismatch(Exception):
+    """A well-formed image that is not of the config's shape or type (counted ``mismatch``)."""
+
+
+def decode_message(stream_type: str, parts: list, config: DetectorConfig) -> tuple[int, np.ndarray, dict]:
+    """(image id, pixels, extra) of one message for ``config``'s buffer: FormatError if it is not
+    one of ``stream_type``, Mismatch if its image is not of the config's shape and type (bsread:
+    told by its data header, before anything is decompressed: a few hundred bytes claiming
+    131072x131072 pixels ended the receiver, or its memory). A GigaFRoST's own array-1.0 header
+    fields go into extra["gf"] (for the services after it, a std_delay_filter), what was wrong
+    with them into extra["problems"]."""
     if stream_type == "array-1.0":
         header, pixels = array10.decode(parts)
-        if not gigafrost:
+        check_against_config(config, header["frame"], pixels.shape, pixels.dtype)
+        if config.detector_type != "gigafrost":
             return header["frame"], pixels, {}
         gf, problems = array10.gigafrost_fields(header)
         return header["frame"], pixels, {"gf": gf, "problems": problems} if gf else {}
-    main, channel, pixels = bsread.decode(parts, max_bytes)
+    main, channel, pixels = bsread.decode(
+        parts, check=lambda pulse_id, channel: check_against_config(config, pulse_id, channel.shape, channel.dtype))
     stamp = main.get("global_timestamp") or {}
     return main["pulse_id"], pixels, {"name": channel.name, "sec": stamp.get("sec", 0), "ns": stamp.get("ns", 0)}
 
 
-def check_against_config(config: DetectorConfig, image_id: int, pixels: np.ndarray) -> str | None:
-    """Why an image cannot go into this config's buffer, or None if it fits."""
-    if pixels.shape != config.shape:
-        return f"image {image_id}: shape {list(pixels.shape)} is not the config's {list(config.shape)}"
-    if pixels.dtype != config.dtype:
-        return f"image {image_id}: type {pixels.dtype.name} is not the config's {config.dtype.name}"
-    return None
+def check_against_config(config: DetectorConfig, image_id: int, shape: tuple, dtype: np.dtype) -> None:
+    """Mismatch, saying why, if an image of ``shape`` and ``dtype`` cannot go into this config's buffer."""
+    if tuple(shape) != config.shape:
+        raise Mismatch(f"image {image_id}: shape {list(shape)} is not the config's {list(config.shape)}")
+    if dtype != config.dtype:
+        raise Mismatch(f"image {image_id}: type {np.dtype(dtype).name} is not the config's {config.dtype.name}")
 
 
 #: connections of a PULL receiver unless -n says otherwise
 DEFAULT_PULL_CONNECTIONS = 4
+#: the most -n may ask for (5000 ended in "Too many open files": a ZMQ context has 1023 sockets)
+MAX_CONNECTIONS = 256
 #: per connection, how many images a PULL receiver holds back at most to publish them in id order
 REORDER_PER_CONNECTION = 4
 #: seconds the connections must all stay empty before the held messages go (module docstring)
@@ -243,8 +251,8 @@ class StreamReceiver(Service):
             raise UsageError(f"stream type {stream_type!r} is not allowed (allowed: {', '.join(FORMATS)})")
         if socket_type not in SOCKET_TYPES:
             raise UsageError(f"-t/--type {socket_type!r} is not allowed (allowed: {', '.join(SOCKET_TYPES)})")
-        if n_connections is not None and n_connections <= 0:
-            raise UsageError(f"-n {n_connections} is not allowed: must be > 0")
+        if n_connections is not None and not 0 < n_connections <= MAX_CONNECTIONS:
+            raise UsageError(f"-n {n_connections} is not allowed: must be 1..{MAX_CONNECTIONS} connections")
         self.asked_connections = n_connections
         self.address = address
         self.stream_type = stream_type
@@ -440,19 +448,14 @@ class StreamReceiver(Service):
     def _decode(self, parts: list) -> tuple[int, np.ndarray, dict] | None:
         """(image id, pixels, extra) of a usable message; None (counted, logged) otherwise."""
         try:
-            image_id, pixels, extra = decode_message(self.stream_type, parts, self.config.image_n_bytes,
-                                                     self.config.detector_type == "gigafrost")
+            return decode_message(self.stream_type, parts, self.config)
+        except Mismatch as exc:
+            self._reject("mismatch", str(exc))
         except FormatError as exc:
             self._reject("invalid", str(exc))
-            return None
         except Exception as exc:  # noqa: BLE001 - what the format checks missed: still one bad message
             self._reject("invalid", f"undecodable {self.stream_type} message: {type(exc).__name__}: {exc}")
-            return None
-        problem = check_against_config(self.config, image_id, pixels)
-        if problem is not None:
-            self._reject("mismatch", problem)
-            return None
-        return image_id, pixels, extra
+        return None
 
     def _write(self, image_id: int, pixels: np.ndarray, extra: dict) -> bool:
         metadata = self._metadata
@@ -493,7 +496,8 @@ def build_parser(stream_type: str) -> ArgumentParser:
     parser.add_argument("detector_json_filename", help="path to the detector config file")
     parser.add_argument("stream_address", help="address of the stream to connect to, e.g. tcp://host:9100")
     parser.add_argument("-n", "--n_connections", type=positive_int, default=None,
-                        help=f"parallel PULL connections (default {DEFAULT_PULL_CONNECTIONS}; -t sub makes one)")
+                        help=f"parallel PULL connections, 1..{MAX_CONNECTIONS} (default {DEFAULT_PULL_CONNECTIONS}; "
+                             "-t sub makes one)")
     parser.add_argument("-t", "--type", default="pull", help="socket type: pull (default) or sub")
     return parser
 
