@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -185,7 +186,7 @@ def test_pull_connections_publish_in_id_order(make_config, n_connections: int) -
     finally:
         push.close(0)
         ctx.term()
-    went_back = sum(1 for before, after in zip(ids, ids[1:]) if after <= before)
+    went_back = sum(1 for before, after in itertools.pairwise(ids) if after <= before)
     assert went_back == 0 and len(ids) == n_images and sorted(ids) == list(range(n_images))
     assert totals["gaps"] == 0 and totals["lost"] == 0
 
