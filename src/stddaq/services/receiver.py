@@ -354,7 +354,7 @@ class StreamReceiver(Service):
         deadline = self.clock() + 0.05
         poller, in_order, heads = self._poller, self.in_order, self._heads
         if not any(heads) and not poller.poll(100 if not in_order else IDLE_GRACE * 1000):
-            self._send(in_order.drain())
+            self._idle()
             return True
         while True:
             self._refill(heads)
@@ -362,10 +362,17 @@ class StreamReceiver(Service):
             if written is False:
                 if in_order and poller.poll(IDLE_GRACE * 1000):
                     continue
-                self._send(in_order.drain())
+                self._idle()
                 return True
             if self.clock() >= deadline:
                 return True
+
+    def _idle(self) -> None:
+        """Nothing to read: the held messages go, and a connection given up for having had nothing
+        is waited for again (the next images may be dealt out to it: a probe image before a run
+        made three of four connections given up, and the run's first ids then went back)."""
+        self._send(self.in_order.drain())
+        self._stalled = [False] * len(self._stalled)
 
     def _write_next(self, heads: list, wait: bool = True) -> bool | None:
         """Write the waiting message that goes next (module docstring); False if none waits, None if
@@ -405,12 +412,15 @@ class StreamReceiver(Service):
 
     def _behind(self, heads: list, first: int) -> list[int]:
         """The connections with nothing waiting whose next id may still be below the one at ``first``:
-        their last id and the last written are more than a step below it (module docstring)."""
-        image_id, written = heads[first].image_id, self._written
-        step, last, stalled = self.in_order.step, self._last, self._stalled
+        one that has had nothing yet, one still in the run before its (a new run's first ids come
+        after the old run's last), one whose last id and the last written are more than a step
+        below it (module docstring)."""
+        image_id, run, written = heads[first].image_id, self._runs[first], self._written
+        step, last, runs, stalled = self.in_order.step, self._last, self._runs, self._stalled
         return [index for index, head in enumerate(heads)
-                if head is None and not stalled[index] and last[index] is not None
-                and max(last[index], written if written is not None else last[index]) + step < image_id]
+                if head is None and not stalled[index]
+                and (last[index] is None or runs[index] < run
+                     or max(last[index], written if written is not None else last[index]) + step < image_id)]
 
     def _refill(self, heads: list) -> None:
         """Give each connection without a waiting message its next usable one, decoded (or None)."""
@@ -425,8 +435,10 @@ class StreamReceiver(Service):
                     self._received += 1
                     heads[index] = _Head(*decoded, parts, self._received)
                     last, image_id = self._last[index], decoded[0]
-                    if last is None:  # its first: of the run the others are in
-                        self._runs[index] = max(self._runs)
+                    if last is None:  # its first: of the run written, or of the next if below its ids
+                        written = self._written
+                        self._runs[index] = (self._written_run + 1 if written is not None and image_id < written
+                                             else max(self._runs))
                     elif image_id <= last:
                         self._runs[index] += 1
                     self._last[index] = image_id
