@@ -14,7 +14,7 @@ import pytest
 import zmq
 from conftest import wait_until
 
-from stddaq.bus import ImageSubscriber
+from stddaq.bus import ImagePublisher, ImageSubscriber
 from stddaq.formats import FormatError, array10, bsread
 from stddaq.formats.compression import bitshuffle_lz4_encode
 from stddaq.patterns import ramp
@@ -189,6 +189,33 @@ def test_pull_connections_publish_in_id_order(make_config, n_connections: int) -
     went_back = sum(1 for before, after in itertools.pairwise(ids) if after <= before)
     assert went_back == 0 and len(ids) == n_images and sorted(ids) == list(range(n_images))
     assert totals["gaps"] == 0 and totals["lost"] == 0
+
+
+def test_the_merge_waits_for_a_connection_that_may_hold_a_lower_id(make_config) -> None:
+    """Which connections with nothing waiting the merge waits for before it writes the lowest
+    waiting id: one behind it, one that has had nothing yet, one still in the run before (a
+    probe image before a run reached 1 of 4 connections; the run's 0, 1, 2, dealt to the other
+    three, came after 3 and 7), and not one given up, until the stream pauses."""
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=4)
+    receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=4)
+    parts = array10.encode(9, ramp(9, config.shape, config.dtype))
+    heads = [_Head(9, np.zeros(config.shape, config.dtype), {}, parts, 1), None, None, None]
+    receiver._written, receiver._written_run = 8, 0
+    receiver._runs, receiver._stalled = [0] * 4, [False] * 4  # as _start() makes them
+    receiver._last = [9, 8, None, 20]  # 1 wrote 8: 9 follows; 2 has had nothing; 3 is ahead
+    assert receiver._behind(heads, 0) == [2]
+    heads[0] = heads[0]._replace(image_id=11)  # 9 and 10 not written: 1 may hold them
+    assert receiver._behind(heads, 0) == [1, 2]
+    receiver._runs = [1, 0, 0, 0]  # 0's ids went back (a new run): 3, still in the old one, may hold its first
+    assert receiver._behind(heads, 0) == [1, 2, 3]
+    receiver._stalled = [False, True, True, False]  # given up: had nothing while waited for
+    assert receiver._behind(heads, 0) == [3]
+    receiver.publisher = ImagePublisher(config).open()  # the pause drains what is held, and waits again
+    try:
+        receiver._idle()
+    finally:
+        receiver.publisher.close()
+    assert receiver._behind(heads, 0) == [1, 2, 3]
 
 
 def test_messages_taken_in_are_published_at_close(make_config) -> None:
