@@ -309,6 +309,25 @@ def started_live(make_config):
         cleanup()
 
 
+def test_an_ipv6_address_is_bound_and_connected(make_config) -> None:
+    """tcp://[::1]:PORT ended std_live_stream with "No such device": libzmq takes an IPv6 address
+    only on a socket with ZMQ_IPV6 set. The stream client connects to one too."""
+    config, _ = make_config(image_pixel_height=16, image_pixel_width=24)
+    ctx = zmq.Context()
+    live = LiveStream(config, "tcp://[::1]:*", ctx=ctx).start()
+    try:
+        address = live.endpoints["stream"]
+        assert address.startswith("tcp://[::1]:")
+        with LiveStreamClient(address, ctx=ctx, timeout=2) as client:
+            assert wait_until(lambda: (live._count_subscribers(), live.subscribers)[1] >= 1)
+            live._handle(FakeImage(_metadata(config, 7), ramp(7, config.shape, config.dtype)))
+            header, pixels = client.receive(2)
+        assert image_id(header) == 7 and np.array_equal(pixels, ramp(7, config.shape, config.dtype))
+    finally:
+        live.close()
+        ctx.term()
+
+
 def test_torn_image_is_counted_and_not_sent(started_live) -> None:
     config, live, sock = started_live("array-1.0")
     pixels = ramp(5, config.shape, config.dtype)
@@ -503,6 +522,8 @@ def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, s
     (["-p", "3"], "-p/--periodic '3' is not Y:N"),
     (["-b", "0:5"], "must both be > 0"),
     (["-p", "a:b"], "is not Y:N"),
+    (["-p", "\uff11:\uff13"], "is not Y:N"),  # fullwidth digits: int() takes them, an operator did not mean them
+    (["--address", "tcp://127.0.0.1:\uff19\uff11\uff10\uff10"], "PORT 0..65535"),
     (["-b", "5:3"], "Y must be <= N"),
     (["-t", "json"], "-t/--type 'json' is not allowed (allowed: array-1.0, bsread)"),
     (["-f", "-p", "1:2"], "exclude each other"),

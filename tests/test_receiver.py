@@ -218,6 +218,28 @@ def test_the_merge_waits_for_a_connection_that_may_hold_a_lower_id(make_config) 
     assert receiver._behind(heads, 0) == [1, 2, 3]
 
 
+def test_a_stream_at_an_ipv6_address_is_received(make_config) -> None:
+    config, _ = make_config(image_pixel_height=4, image_pixel_width=6)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.IPV6, 1)
+    address = f"tcp://[::1]:{push.bind_to_random_port('tcp://[::1]')}"
+    try:
+        with running(StreamReceiver(config, address, n_connections=1, ctx=ctx)), \
+                ImageSubscriber(config, ctx=ctx) as subscriber:
+            def probed() -> bool:
+                if push.poll(0, zmq.POLLOUT):
+                    push.send_multipart(array10.encode(5, ramp(5, config.shape, config.dtype)), zmq.NOBLOCK)
+                image = subscriber.receive(timeout=0.2)
+                return image is not None and np.array_equal(image.data, ramp(5, config.shape, config.dtype))
+
+            assert wait_until(probed, timeout=10)
+    finally:
+        push.close(0)
+        ctx.term()
+
+
 def test_messages_taken_in_are_published_at_close(make_config) -> None:
     """At stop, the connections' decoded messages not written yet and the held messages go out,
     in id order: they were taken in from the network."""

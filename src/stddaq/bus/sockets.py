@@ -14,6 +14,13 @@ import zmq
 from stddaq.errors import BusError
 
 
+def allow_ipv6(sock: zmq.Socket, address: str) -> None:
+    """Let ``sock`` bind or connect to a ``tcp://[IPv6]:PORT`` address: libzmq refuses one with
+    "No such device" unless its socket has ZMQ_IPV6 set."""
+    if address.startswith("tcp://["):
+        sock.setsockopt(zmq.IPV6, 1)
+
+
 def ipc_in_use(address: str) -> bool:
     """True if a process listens on the socket file of an ``ipc://`` address (or path): a
     connect succeeds. A file left by a process that is gone refuses the connect: not in use."""
@@ -37,6 +44,7 @@ def bind(sock: zmq.Socket, address: str, what: str) -> str:
     if address.startswith("ipc://") and ipc_in_use(address):
         raise BusError(f"cannot bind {what} at {address}: another process listens there (is a service of this "
                        "detector already running?)")
+    allow_ipv6(sock, address)
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 import numpy as np
 import zmq
 
+from stddaq.bus.sockets import allow_ipv6
 from stddaq.formats import FormatError, array10, bsread, check_stream_address
 
 SOCKET_TYPES = {"sub": zmq.SUB, "pull": zmq.PULL}
@@ -72,6 +73,7 @@ class LiveStreamClient:
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         if socket_type == "sub":
             self.socket.setsockopt(zmq.SUBSCRIBE, b"")
+        allow_ipv6(self.socket, address)
         self.socket.connect(address)
         self.stats = {"received": 0, "gaps": 0, "invalid": 0}
         self.last_error: str | None = None

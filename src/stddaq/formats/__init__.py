@@ -77,6 +77,6 @@ def check_stream_address(address: str, *, any_port: bool = False) -> None:
     host, _, port = address.removeprefix("tcp://").rpartition(":")
     if any_port and port == "*":
         port = "0"
-    if not address.startswith("tcp://") or not host or not port.isdigit() or int(port) > 65535:
+    if not address.startswith("tcp://") or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"address {address!r} is not allowed: a live stream is at tcp://HOST:PORT "
                          "(e.g. tcp://0.0.0.0:9100; PORT 0..65535)")

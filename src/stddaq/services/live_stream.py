@@ -81,7 +81,7 @@ class Mode:
 def parse_mode(kind: str, text: str) -> Mode:
     """``Y:N`` of ``-p``/``-b``; UsageError names the option, the value and what is allowed."""
     option = {"periodic": "-p/--periodic", "batch": "-b/--batch"}[kind]
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    match = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", text)  # \d takes fullwidth and other digits too
     if not match:
         raise UsageError(f"{option} {text!r} is not Y:N (two integers > 0, e.g. 1:10)")
     y, n = int(match[1]), int(match[2])

@@ -46,6 +46,7 @@ import numpy as np
 import zmq
 
 from stddaq.bus.publisher import ImagePublisher, image_metadata
+from stddaq.bus.sockets import allow_ipv6
 from stddaq.config import DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats import FormatError, array10, bsread
@@ -287,6 +288,7 @@ class StreamReceiver(Service):
             self._last.append(None)
             self._runs.append(0)
             self._stalled.append(False)
+            allow_ipv6(sock, self.address)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
