@@ -12,13 +12,7 @@ import socket
 import zmq
 
 from stddaq.errors import BusError
-
-
-def allow_ipv6(sock: zmq.Socket, address: str) -> None:
-    """Let ``sock`` bind or connect to a ``tcp://[IPv6]:PORT`` address: libzmq refuses one with
-    "No such device" unless its socket has ZMQ_IPV6 set."""
-    if address.startswith("tcp://["):
-        sock.setsockopt(zmq.IPV6, 1)
+from stddaq.net import allow_ipv6
 
 
 def ipc_in_use(address: str) -> bool:

@@ -24,8 +24,8 @@ from dataclasses import asdict
 import numpy as np
 import zmq
 
-from stddaq.bus.sockets import allow_ipv6
 from stddaq.formats import FormatError, array10, bsread, check_stream_address
+from stddaq.net import allow_ipv6
 
 SOCKET_TYPES = {"sub": zmq.SUB, "pull": zmq.PULL}
 

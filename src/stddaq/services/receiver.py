@@ -46,10 +46,10 @@ import numpy as np
 import zmq
 
 from stddaq.bus.publisher import ImagePublisher, image_metadata
-from stddaq.bus.sockets import allow_ipv6
 from stddaq.config import DetectorConfig
 from stddaq.errors import UsageError
 from stddaq.formats import FormatError, array10, bsread
+from stddaq.net import allow_ipv6
 from stddaq.protocol import GFImageMetadata, PcoImageMetadata
 from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
 
