@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -191,20 +192,124 @@ def test_pull_connections_publish_in_id_order(make_config, n_connections: int) -
     assert totals["gaps"] == 0 and totals["lost"] == 0
 
 
+def _send_timed(push: zmq.Socket, config, ids: list[int], offset: int, sent: dict) -> None:
+    """Send ``ids`` whose pixels are ``ramp(id + offset)`` (the offset tells runs of the same ids
+    apart), noting when each was sent under (offset, id)."""
+    messages = [array10.encode(i, ramp(i + offset, config.shape, config.dtype)) for i in ids]
+    for image_id, message in zip(ids, messages, strict=True):
+        sent[offset, image_id] = time.monotonic()
+        push.send_multipart(message)
+
+
+def _receive_timed(subscriber: ImageSubscriber, config, offsets: tuple[int, ...], timeout: float = 2) -> dict:
+    """Take images until none comes for ``timeout`` s: {(offset, id): when published}, each
+    image's pixels checked to be ramp(id + one of ``offsets``) and taken once."""
+    got = {}
+    while (image := subscriber.receive(timeout=timeout)) is not None:
+        offset = next((offset for offset in offsets
+                       if np.array_equal(image.data, ramp(image.image_id + offset, config.shape, config.dtype))), None)
+        assert offset is not None and (offset, image.image_id) not in got, image.image_id
+        got[offset, image.image_id] = time.monotonic()
+        subscriber.confirm(image)
+    return got
+
+
+def test_bursts_are_not_held_for_a_connection_the_sender_never_deals_to(make_config) -> None:
+    """One of 4 connections never completes its handshake (the sender never deals to it): each
+    burst of a stream that pauses goes out at once. Waited for as one that had had nothing yet,
+    it added 1 s to the first image of every burst; a burst that jumps ids waits LAG_WAIT for it."""
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12, ram_buffer_slots=2000)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    address = f"tcp://127.0.0.1:{push.bind_to_random_port('tcp://127.0.0.1')}"
+    mute = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers its greeting
+    receiver = StreamReceiver(config, address, n_connections=4, ctx=ctx).start()
+    receiver.sockets[3].disconnect(address)
+    receiver.sockets[3].connect(f"tcp://127.0.0.1:{mute.getsockname()[1]}")
+    bursts = [range(0, 200), range(200, 400), range(400, 600), range(5000, 5200)]
+    sent = {}
+    try:
+        with running(receiver), ImageSubscriber(config, ctx=ctx) as subscriber:
+            assert wait_until(lambda: receiver.publisher.subscriber_count() >= 1)
+            time.sleep(0.3)  # the 3 other connections' handshakes
+
+            def send() -> None:
+                for ids in bursts:
+                    _send_timed(push, config, list(ids), 0, sent)
+                    time.sleep(0.3)  # the pause: the receiver is idle between bursts
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = _receive_timed(subscriber, config, (0,))
+            sender.join(10)
+    finally:
+        push.close(0)
+        mute.close()
+        ctx.term()
+    assert sorted(got) == sorted(sent)
+    assert list(sorted(got, key=got.get)) == sorted(sent)  # in id order
+    for ids in bursts:
+        assert got[0, ids[-1]] - sent[0, ids[0]] < 0.5, (ids, got[0, ids[-1]] - sent[0, ids[0]])
+
+
+def test_a_restarted_senders_images_are_not_held_for_connections_not_reconnected_yet(make_config) -> None:
+    """The sender process restarts (a new PUSH at the same port, ids beginning again): its images
+    go out as the connections reconnect one by one. The connections not reconnected yet, still
+    in the old run, were waited for 1 s each burst, as if the sender were ahead of them."""
+    config, _ = make_config(image_pixel_height=8, image_pixel_width=12, ram_buffer_slots=2000)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    port = push.bind_to_random_port("tcp://127.0.0.1")
+    address = f"tcp://127.0.0.1:{port}"
+    receiver = StreamReceiver(config, address, n_connections=4, ctx=ctx)
+    sent = {}
+    try:
+        with running(receiver), ImageSubscriber(config, ctx=ctx) as subscriber:
+            assert wait_until(lambda: receiver.publisher.subscriber_count() >= 1)
+            time.sleep(0.3)  # every connection's handshake
+
+            def send() -> None:
+                nonlocal push
+                _send_timed(push, config, list(range(500)), 0, sent)
+                time.sleep(0.3)
+                push.close(0)
+                time.sleep(0.1)
+                push = ctx.socket(zmq.PUSH)
+                push.setsockopt(zmq.LINGER, 0)
+                push.bind(address)
+                _send_timed(push, config, list(range(500)), 1000, sent)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = _receive_timed(subscriber, config, (0, 1000))
+            sender.join(10)
+    finally:
+        push.close(0)
+        ctx.term()
+    assert sorted(got) == sorted(sent)
+    latency = max(got[key] - sent[key] for key in sent if key[0] == 1000)
+    assert latency < 0.6, latency
+
+
 def test_the_merge_waits_for_a_connection_that_may_hold_a_lower_id(make_config) -> None:
     """Which connections with nothing waiting the merge waits for before it writes the lowest
-    waiting id: one behind it, one that has had nothing yet, one still in the run before (a
-    probe image before a run reached 1 of 4 connections; the run's 0, 1, 2, dealt to the other
-    three, came after 3 and 7), and not one given up, until the stream pauses."""
+    waiting id: one behind it, one that has had nothing yet when the id does not follow the last
+    written (a probe image before a run reached 1 of 4 connections; the run's 0, 1, 2, dealt to
+    the other three, came after 3 and 7), one still in the run before, and not one given up,
+    until the stream pauses. An id that follows the last written waits for none: one connection
+    the sender never deals to held the first image of every burst."""
     config, _ = make_config(image_pixel_height=4, image_pixel_width=4)
     receiver = StreamReceiver(config, "tcp://127.0.0.1:1", n_connections=4)
     parts = array10.encode(9, ramp(9, config.shape, config.dtype))
     heads = [_Head(9, np.zeros(config.shape, config.dtype), {}, parts, 1), None, None, None]
-    receiver._written, receiver._written_run = 8, 0
-    receiver._runs, receiver._stalled = [0] * 4, [False] * 4  # as _start() makes them
+    receiver._runs, receiver._stalled, receiver._active = [0] * 4, [False] * 4, [False] * 4  # as _start() makes them
     receiver._last = [9, 8, None, 20]  # 1 wrote 8: 9 follows; 2 has had nothing; 3 is ahead
-    assert receiver._behind(heads, 0) == [2]
-    heads[0] = heads[0]._replace(image_id=11)  # 9 and 10 not written: 1 may hold them
+    assert receiver._behind(heads, 0) == [2]  # nothing written yet: 2 may hold a lower id
+    receiver._written, receiver._written_run = 8, 0
+    assert receiver._behind(heads, 0) == []
+    heads[0] = heads[0]._replace(image_id=11)  # 9 and 10 not written: 1 or 2 may hold them
     assert receiver._behind(heads, 0) == [1, 2]
     receiver._runs = [1, 0, 0, 0]  # 0's ids went back (a new run): 3, still in the old one, may hold its first
     assert receiver._behind(heads, 0) == [1, 2, 3]

@@ -16,10 +16,12 @@ lowest waiting id does not follow the last written (more than the stream's step 
 a connection with nothing waiting is behind it (its last id too), the merge waits for that
 connection. A sender far ahead fills the connections' TCP windows, and one of them then stays
 silent for up to 190 ms (seen here: about Linux's least TCP retransmission timeout, 200 ms)
-while the others deliver thousands of images: written past after 10 ms, 20000 images came out with 9 to 700 "ids went back". So it
-waits up to ``LAG_WAIT_BUSY`` while the others have more queued, ``LAG_WAIT`` when they have not
-(a slow stream, or an id the detector skipped); one that stays silent is not waited for again
-until it has something.
+while the others deliver thousands of images: written past after 10 ms, 20000 images came out
+with 9 to 700 "ids went back". So it waits up to ``LAG_WAIT_BUSY`` for a connection that has had
+something since the receiver was last idle while the others have more queued, ``LAG_WAIT``
+otherwise (a slow stream, an id the detector skipped, a connection silent since before the
+burst: one the sender never deals to added 1 s to the first image of every burst); one that
+stays silent is not waited for again until it has something or the receiver was idle.
 
 A connection whose ids go back (a sender that began its ids again) is in the next run; one
 that goes on above the ids written goes on in their run. A message of an old run passed over
@@ -265,6 +267,7 @@ class StreamReceiver(Service):
         self._last: list[int | None] = []  # per connection: the id of its last message (its ids rise in a run)
         self._runs: list[int] = []  # per connection: how often its ids went back (the run it is in)
         self._stalled: list[bool] = []  # per connection: waited for, had nothing: not waited for again until it has
+        self._active: list[bool] = []  # per connection: had something since the receiver was last idle
         self._written: int | None = None  # the id the merge wrote last
         self._written_run = 0  # the run of the connection it took the last id from in id order
         self._received = 0  # messages decoded so far: a head's age
@@ -288,6 +291,7 @@ class StreamReceiver(Service):
             self._last.append(None)
             self._runs.append(0)
             self._stalled.append(False)
+            self._active.append(False)
             allow_ipv6(sock, self.address)
             try:
                 sock.connect(self.address)
@@ -375,6 +379,7 @@ class StreamReceiver(Service):
         made three of four connections given up, and the run's first ids then went back)."""
         self._send(self.in_order.drain())
         self._stalled = [False] * len(self._stalled)
+        self._active = [False] * len(self._active)
 
     def _write_next(self, heads: list, wait: bool = True) -> bool | None:
         """Write the waiting message that goes next (module docstring); False if none waits, None if
@@ -391,7 +396,7 @@ class StreamReceiver(Service):
             if wait:
                 behind = self._behind(heads, first)
                 if behind:
-                    if zmq.select([self.sockets[index] for index in behind], [], [], self._lag_wait(heads))[0]:
+                    if zmq.select([self.sockets[index] for index in behind], [], [], self._lag_wait(heads, behind))[0]:
                         return None
                     for index in behind:
                         self._stalled[index] = True
@@ -403,26 +408,34 @@ class StreamReceiver(Service):
         self._written = head.image_id
         return True
 
-    def _lag_wait(self, heads: list) -> float:
-        """How long to wait for connections behind: long while the others have more queued (the
-        sender is ahead: a connection it filled can stay silent for about 200 ms),
-        short when they have not (a slow stream: its next image is the one to wait for)."""
-        for index, head in enumerate(heads):
-            if head is not None and self.sockets[index].getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return LAG_WAIT_BUSY
+    def _lag_wait(self, heads: list, behind: list[int]) -> float:
+        """How long to wait for the connections ``behind``: long while the others have more queued
+        and one of them has had something since the receiver was last idle (the sender is ahead: a
+        connection it filled can stay silent for about 200 ms); short otherwise: a slow stream (its
+        next image is the one to wait for), or connections silent since before the burst began
+        (a new one, one the sender has not reconnected yet after a restart, one that never gets
+        anything: waited for 1 s, that added 1 s to the first image of every burst)."""
+        if any(self._active[index] for index in behind):
+            for index, head in enumerate(heads):
+                if head is not None and self.sockets[index].getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return LAG_WAIT_BUSY
         return LAG_WAIT
 
     def _behind(self, heads: list, first: int) -> list[int]:
         """The connections with nothing waiting whose next id may still be below the one at ``first``:
-        one that has had nothing yet, one still in the run before its (a new run's first ids come
-        after the old run's last), one whose last id and the last written are more than a step
-        below it (module docstring)."""
+        one still in the run before its (a new run's first ids come after the old run's last), one
+        whose last id and the last written are more than a step below it, one that has had nothing
+        yet while nothing was written or the last written is more than a step below it (a new
+        stream's, or run's, first ids are dealt out to every connection) (module docstring)."""
         image_id, run, written = heads[first].image_id, self._runs[first], self._written
         step, last, runs, stalled = self.in_order.step, self._last, self._runs, self._stalled
-        return [index for index, head in enumerate(heads)
-                if head is None and not stalled[index]
-                and (last[index] is None or runs[index] < run
-                     or max(last[index], written if written is not None else last[index]) + step < image_id)]
+        behind = []
+        for index, head in enumerate(heads):
+            if head is None and not stalled[index]:
+                seen = [known for known in (last[index], written) if known is not None]  # ids it is past
+                if runs[index] < run or not seen or max(seen) + step < image_id:
+                    behind.append(index)
+        return behind
 
     def _refill(self, heads: list) -> None:
         """Give each connection without a waiting message its next usable one, decoded (or None)."""
@@ -445,6 +458,7 @@ class StreamReceiver(Service):
                         self._runs[index] += 1
                     self._last[index] = image_id
                     self._stalled[index] = False
+                    self._active[index] = True
 
     def _send(self, messages: list[tuple[int, bytes]]) -> None:
         send = self.publisher.send
