@@ -423,7 +423,7 @@ class StreamReceiver(Service):
 
     def _behind(self, heads: list, first: int) -> list[int]:
         """The connections with nothing waiting whose next id may still be below the one at ``first``:
-        one still in the run before its (a new run's first ids come after the old run's last), one
+        one still in the run before (a new run's first ids come after the old run's last), one
         whose last id and the last written are more than a step below it, one that has had nothing
         yet while nothing was written or the last written is more than a step below it (a new
         stream's, or run's, first ids are dealt out to every connection) (module docstring)."""
