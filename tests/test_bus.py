@@ -114,7 +114,7 @@ def test_overwrite_while_in_use_is_detected_by_confirm(make_config) -> None:
         with pytest.raises(RuntimeError, match="overwritten"):
             image.copy()
         totals = subscriber.stats.totals()
-        assert totals["lost"] == 1 and totals["processed_times"] == 0
+        assert totals["lost"] == 1 and totals["processed_times"] == 0 and totals["processed_bytes"] == 0
 
 
 def test_gaps_are_counted(make_config) -> None:

@@ -371,6 +371,8 @@ def test_a_stage_behind_a_fast_source_loses_images_but_never_publishes_a_bad_one
     totals = stage_totals(err, config.detector_name, "std_data_compress_h5bitshuffle_lz4")
     assert totals["compressed"] + totals["lost"] + totals["gaps"] == n_images
     assert totals["compressed"] >= good
+    # the stats line's bytes are those of the images it counts processed, not of those it gave up
+    assert totals["processed_bytes"] == totals["processed_times"] * config.image_n_bytes
 
 
 def test_waits_for_a_missing_source_then_compresses(make_config, service) -> None:
