@@ -400,6 +400,10 @@ def test_waits_for_a_missing_source_then_compresses(make_config, service) -> Non
     (["h5bitshuffle_lz4", "-t", "1", "-b", "-16"], "block size -16 is not allowed"),
     (["h5bitshuffle_lz4", "-t", "1", "-b", "24"], "24 bytes is not a multiple of 16 (8 x 2 bytes per pixel)"),
     (["h5bitshuffle_lz4", "-t", "1", "-b", "4k"], "-b/--block_size"),
+    (["h5bitshuffle_lz4", "-t", "1", "-b", " 16"], "-b/--block_size: ' 16' is not an integer"),
+    (["blosc2", "-t", "1", "-l", "\u0665"], "-l/--level: '\u0665' is not an integer"),  # Arabic-Indic 5: int() takes it
+    (["blosc2", "-t", "\uff12"], "-t/--threads: '\uff12' is not an integer"),  # fullwidth 2
+    (["blosc2", "-t", "1_0"], "-t/--threads: '1_0' is not an integer"),
     (["h5bitshuffle_lz4", "-t", "1", "-b", str(2**32)], "must be at most 2113929216 (LZ4's largest input"),
     (["zstd", "-t", "1"], "must be the codec: blosc2 or h5bitshuffle_lz4"),
 ])

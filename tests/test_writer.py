@@ -303,7 +303,7 @@ def test_bad_commands_get_failure_and_the_writer_goes_on(make_config, service, d
 def test_writer_id_not_needed_exits_0_and_bad_ids_exit_2(make_config, service) -> None:
     config, path = make_config(number_of_writers=2)
     assert service(WRITER, path, 2).wait(30) == 0
-    for bad in ("-1", "x"):
+    for bad in ("-1", "x", "\uff11"):  # a fullwidth 1: Python's int() takes it
         proc = service(WRITER, path, bad)
         assert proc.wait(30) == 2
         err = proc.output()[1]

@@ -15,6 +15,7 @@ import faulthandler
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -166,12 +167,21 @@ def number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callab
     return convert
 
 
-positive_int = number_type(int, "an integer", "> 0", lambda v: v > 0, "positive_int")
+def ascii_int(text: str) -> int:
+    """An integer written as such on a command line: ASCII digits, an optional sign. Python's
+    ``int()`` also takes "٥" or "５" (5), " 16" and "1_000"; ValueError for those."""
+    if not _ASCII_INT.fullmatch(text):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)
+
+
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+positive_int = number_type(ascii_int, "an integer", "> 0", lambda v: v > 0, "positive_int")
 #: a count that libzmq keeps in a C int (a high-water mark)
 MAX_C_INT = 2**31 - 1
-c_int_count = number_type(int, "an integer", f"1..{MAX_C_INT}", lambda v: 0 < v <= MAX_C_INT, "c_int_count")
-non_negative_int = number_type(int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
-port_number = number_type(int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
+c_int_count = number_type(ascii_int, "an integer", f"1..{MAX_C_INT}", lambda v: 0 < v <= MAX_C_INT, "c_int_count")
+non_negative_int = number_type(ascii_int, "an integer", ">= 0", lambda v: v >= 0, "non_negative_int")
+port_number = number_type(ascii_int, "an integer", "a TCP port 0..65535 (0: any free port)", lambda v: 0 <= v <= 65535,
                            "port_number")
 non_negative_float = number_type(float, "a number", "a finite number >= 0", lambda v: 0 <= v < math.inf,
                                   "non_negative_float")

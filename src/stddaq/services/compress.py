@@ -68,7 +68,7 @@ from stddaq.formats.compression import (
     single_threaded_openmp,
 )
 from stddaq.protocol import ImageMetadataCompression, ImageMetadataStatus
-from stddaq.services.base import ArgumentParser, Service, positive_int, service_main
+from stddaq.services.base import ArgumentParser, Service, ascii_int, positive_int, service_main
 
 log = logging.getLogger(__name__)
 
@@ -425,7 +425,7 @@ class Compressor(Service):
 # ---------------------------------------------------------------------- command line
 def _level(text: str) -> int:
     try:
-        value = int(text)
+        value = ascii_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value == 0:
@@ -438,7 +438,7 @@ def _level(text: str) -> int:
 
 def _integer(text: str) -> int:
     try:
-        return int(text)
+        return ascii_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 

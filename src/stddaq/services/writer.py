@@ -48,7 +48,7 @@ from stddaq.protocol import (
     WriterAction,
     WriterResponse,
 )
-from stddaq.services.base import ArgumentParser, Service, die_with_supervisor, service_main
+from stddaq.services.base import ArgumentParser, Service, ascii_int, die_with_supervisor, service_main
 from stddaq.services.driver_control import groups_of
 from stddaq.storage.hdf5 import BITSHUFFLE_LZ4, BLOSC2, NONE, ImageFile, MetadataFile
 
@@ -495,7 +495,7 @@ def parse_writer_id(text: str) -> int | str:
     if text == META:
         return META
     try:
-        value = int(text)
+        value = ascii_int(text)
     except ValueError:
         raise UsageError(f"writer_id {text!r} is not allowed: an integer >= 0, or 'meta' for the metadata writer") from None
     if value < 0:
