@@ -167,6 +167,9 @@ def number_type(parse: Callable[[str], Any], what: str, allowed: str, ok: Callab
     return convert
 
 
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+
+
 def ascii_int(text: str) -> int:
     """An integer written as such on a command line: ASCII digits, an optional sign. Python's
     ``int()`` also takes "٥" or "５" (5), " 16" and "1_000"; ValueError for those."""
@@ -175,7 +178,6 @@ def ascii_int(text: str) -> int:
     return int(text)
 
 
-_ASCII_INT = re.compile(r"[+-]?[0-9]+")
 positive_int = number_type(ascii_int, "an integer", "> 0", lambda v: v > 0, "positive_int")
 #: a count that libzmq keeps in a C int (a high-water mark)
 MAX_C_INT = 2**31 - 1
