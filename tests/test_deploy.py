@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_until
 
 from stddaq.bus import ImagePublisher, ImageSubscriber
-from stddaq.deploy import ServiceSpec, Supervisor, check_ports_free, listening_ports, plan
+from stddaq.deploy import ServiceSpec, Supervisor, check_ports_free, claim_deployment, listening_ports, plan
 from stddaq.errors import UsageError
 
 
@@ -98,14 +98,38 @@ def test_up_refuses_a_busy_live_stream_port_before_starting_anything(make_config
 
 def test_up_refuses_a_second_deployment_of_a_running_detector(make_config) -> None:
     """A second `stddaq up` of one detector took the first one's ipc names (its sim crash-looped
-    meanwhile) and removed them when it ended: the first could never reconnect a writer."""
-    config, path = make_config(number_of_writers=1)
-    with ImagePublisher(config):  # the running deployment's source
-        out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
-                             capture_output=True, text=True, timeout=60)
+    meanwhile) and removed them when it ended: the first could never reconnect a writer. That
+    is what it says first, not that the running one's live stream port is in use."""
+    busy, port = _listener()  # the running deployment's live stream
+    try:
+        config, path = make_config(number_of_writers=1,
+                                   live_stream_configs={f"tcp://127.0.0.1:{port}": {"type": "forward"}})
+        with ImagePublisher(config):  # the running deployment's source
+            out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
+                                 capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
     assert out.returncode == 2 and "[std_sim]" not in out.stdout
     assert (f"a deployment of {config.detector_name} is already running: /tmp/{config.channel('image')} is in use"
             in out.stderr), out.stderr
+
+
+def test_up_refuses_a_deployment_started_at_the_same_time(make_config) -> None:
+    """Two `stddaq up` of one detector started together both found no service listening yet; the
+    one that lost removed the other's buffer and sockets at its end. The first one's claim,
+    held from its start, refuses the second before it starts or removes anything."""
+    config, path = make_config(number_of_writers=0)
+    claim = claim_deployment(config)  # a `stddaq up` of it that has not started a service yet
+    try:
+        with pytest.raises(UsageError, match="already running: another `stddaq up` of it holds its claim"):
+            claim_deployment(config)
+        out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        claim.close()
+    assert out.returncode == 2 and "[std_sim]" not in out.stdout
+    assert f"a deployment of {config.detector_name} is already running: another `stddaq up`" in out.stderr, out.stderr
+    claim_deployment(config).close()  # released with its holder
 
 
 def test_up_driver_port_option_and_a_busy_driver_port(make_config) -> None:

@@ -287,6 +287,22 @@ def deployment_paths(config: DetectorConfig) -> list[Path]:
     return paths
 
 
+def claim_deployment(config: DetectorConfig) -> socket.socket:
+    """This process's claim on the detector's deployment: an abstract unix socket named after it,
+    which one process at a time can bind and which goes when that process ends, however it ends.
+    UsageError if another `stddaq up` holds it. Two started together both passed
+    ``check_not_running`` (no service listened yet); the one that lost crash-looped, and at its
+    end removed the other's ring buffer and sockets as leftovers while that one ran on."""
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0stddaq-up-{config.detector_name}")
+    except OSError:
+        claim.close()
+        raise UsageError(f"a deployment of {config.detector_name} is already running: another `stddaq up` of it "
+                         "holds its claim (stop it first, or give this one another detector_name)") from None
+    return claim
+
+
 def check_not_running(config: DetectorConfig) -> None:
     """UsageError if a service of this detector already listens on one of the deployment's ipc
     sockets: a second deployment would take their names over and cut the first one's services
@@ -309,17 +325,21 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
         else:
             path = Path(config_path)
         config = DetectorConfig.load(path)
-        check_ports_free(listening_ports(config, driver_port))
-        check_not_running(config)
-        supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
-                                leftovers=deployment_paths(config))
-
-        def _on_signal(signum: int, _frame: object) -> None:
-            supervisor.stop()
-
-        previous = handle_stop_signals(_on_signal)
+        claim = claim_deployment(config)
         try:
-            return supervisor.run(duration)
+            check_not_running(config)  # before the ports: a running deployment holds them (named so first)
+            check_ports_free(listening_ports(config, driver_port))
+            supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
+                                    leftovers=deployment_paths(config))
+
+            def _on_signal(signum: int, _frame: object) -> None:
+                supervisor.stop()
+
+            previous = handle_stop_signals(_on_signal)
+            try:
+                return supervisor.run(duration)
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            claim.close()
