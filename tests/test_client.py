@@ -295,3 +295,23 @@ def test_blocking_record_sends_stop_at_ctrl_c(tmp_path) -> None:
     assert [m["command"] for m in driver.received] == ["start", "stop"]
     assert out.strip().splitlines()[-1] == "file_saved"  # it waited for the files to be closed
     assert proc.returncode != 0 and err.strip().splitlines()[-1] == "KeyboardInterrupt"
+
+
+def test_a_client_used_closed_or_unconnected_says_so() -> None:
+    """Reading a closed LiveStreamClient, or a DriverClient outside `async with`, raised a bare
+    AttributeError of None."""
+    import asyncio
+
+    from stddaq.client import LiveStreamClient
+    from stddaq.client.record import DriverClient, DriverError
+
+    client = LiveStreamClient("tcp://127.0.0.1:9", timeout=0.01)
+    assert client.receive() is None
+    client.close()
+    with pytest.raises(RuntimeError, match="LiveStreamClient of tcp://127.0.0.1:9 is closed"):
+        client.receive()
+    driver = DriverClient("ws://127.0.0.1:9")
+    with pytest.raises(DriverError, match="not connected to the driver at ws://127.0.0.1:9: use the client inside"):
+        asyncio.run(driver.stop())
+    with pytest.raises(DriverError, match="not connected"):
+        asyncio.run(driver.next_status(timeout=0.1))

@@ -89,11 +89,18 @@ class DriverClient:
             await self._connection.close()
             self._connection = None
 
+    def _connected(self):
+        """The websocket; DriverError if there is none (a client used before ``async with`` or after close)."""
+        if self._connection is None:
+            raise DriverError(f"not connected to the driver at {self.url}: use the client inside "
+                              "`async with DriverClient(url) as client:` (it connects there and closes at its end)")
+        return self._connection
+
     async def send(self, message: dict[str, Any]) -> None:
         from websockets.exceptions import ConnectionClosed
 
         try:
-            await self._connection.send(json.dumps(message))
+            await self._connected().send(json.dumps(message))
         except ConnectionClosed as exc:
             raise DriverError(f"the driver at {self.url} closed the connection before {message.get('command')} "
                               f"could be sent ({exc})") from None
@@ -116,7 +123,7 @@ class DriverClient:
         from websockets.exceptions import ConnectionClosed
 
         try:
-            frame = await asyncio.wait_for(self._connection.recv(), timeout)
+            frame = await asyncio.wait_for(self._connected().recv(), timeout)
         except ConnectionClosed as exc:
             raise DriverError(f"the driver at {self.url} closed the connection ({exc})") from None
         except TimeoutError:

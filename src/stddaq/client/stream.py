@@ -84,6 +84,8 @@ class LiveStreamClient:
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         sock = self.socket
+        if sock is None:
+            raise RuntimeError(f"this LiveStreamClient of {self.address} is closed: make a new one to read again")
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not sock.poll(None if remaining is None else remaining * 1000):
