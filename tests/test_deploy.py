@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,15 @@ import pytest
 from conftest import wait_until
 
 from stddaq.bus import ImagePublisher, ImageSubscriber
-from stddaq.deploy import ServiceSpec, Supervisor, check_ports_free, claim_deployment, listening_ports, plan
+from stddaq.deploy import (
+    ServiceSpec,
+    Supervisor,
+    check_ports_free,
+    claim_deployment,
+    config_snapshot,
+    listening_ports,
+    plan,
+)
 from stddaq.errors import UsageError
 
 
@@ -47,6 +56,42 @@ def test_killed_simulator_is_restarted_and_takes_over_its_buffer(make_config) ->
     assert "[std_sim]" in out.getvalue()
     # it ran on, but a script checking `stddaq up`'s exit code must hear of the crash (it exited 0)
     assert supervisor.failed == "services ended by themselves and were restarted: std_sim 1 time(s)"
+
+
+def test_a_restarted_service_runs_the_config_up_read_not_an_edit_of_the_file(make_config) -> None:
+    """An operator edits the config for the next run while the deployment runs; a service that
+    then crashes is restarted on the config the others run: another image size replaced the ring
+    buffer under the readers (they read nothing more), a broken edit stopped the deployment."""
+    config, path = make_config()
+    fd, env = config_snapshot(path.read_text(), path)
+    out = io.StringIO()
+    supervisor = Supervisor([s for s in plan(config, path) if s.name == "std_sim"], out=out, env=env,
+                            pass_fds=(fd,))
+    thread = _run(supervisor)
+    shm = Path(f"/dev/shm/{config.channel('image')}")
+    try:
+        sim = supervisor.children[0]
+        assert wait_until(shm.exists, timeout=15)
+        size = shm.stat().st_size
+        with ImageSubscriber(config) as subscriber:
+            for edit in ({**json.loads(path.read_text()), "image_pixel_height": config.image_pixel_height // 2},
+                         "{ broken"):
+                path.write_text(edit if isinstance(edit, str) else json.dumps(edit))
+                first_pid = sim.process.pid
+                os.kill(first_pid, signal.SIGKILL)
+                assert wait_until(lambda: sim.process is not None and sim.process.pid != first_pid  # noqa: B023
+                                  and sim.process.poll() is None, timeout=15)
+                image = subscriber.receive(timeout=10)
+                assert image is not None, f"no image after the restart with {edit!r:.40} in the file"
+                assert (image.metadata.height, image.metadata.width) == (config.image_pixel_height,
+                                                                          config.image_pixel_width)
+                assert shm.stat().st_size == size
+    finally:
+        supervisor.stop()
+        thread.join(timeout=30)
+        os.close(fd)
+    assert "refused" not in out.getvalue()
+    assert supervisor.failed == "services ended by themselves and were restarted: std_sim 2 time(s)"
 
 
 def test_crash_loop_ends_the_deployment_with_a_reason() -> None:

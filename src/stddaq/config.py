@@ -239,20 +239,29 @@ class DetectorConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> DetectorConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{path}: is a directory, expected a JSON config file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+        return cls.loads(read_config_text(path), source=str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<config>") -> DetectorConfig:
+        """The config in ``text`` (JSON), read from ``source`` (named in the errors)."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-        return cls.from_dict(data, source=str(path))
+            raise ConfigError(f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        return cls.from_dict(data, source=source)
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file; ConfigError saying why it cannot be read."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a JSON config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
 
 
 def _describe(source: str, exc: ValidationError) -> str:

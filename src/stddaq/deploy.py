@@ -4,7 +4,8 @@ The supervisor owns its child processes: it forwards their output line by line w
 service's name in front, restarts one that ended (crashed, or was stopped from outside: every
 service runs until the deployment stops), with a growing pause, and gives up after a few quick
 ends in a row (a child that exits 2, a usage or config error, is not restarted: it would fail
-the same way); on Ctrl-C/SIGTERM/SIGHUP it stops them all. First the services
+the same way). Every child, a restarted one too, reads the config as ``up`` read it at its start
+(``config_snapshot``), not the file as edited since. On Ctrl-C/SIGTERM/SIGHUP it stops them all. First the services
 that must finish their work with the others still running (the writer driver saves the files of
 a recording, which needs its writers), each with its own grace period; then the rest, consumers
 before producers: SIGTERM, then SIGKILL for any that has not ended after the grace period. The
@@ -31,9 +32,9 @@ from pathlib import Path
 
 from stddaq.bus.ram_buffer import GUARD_SUFFIX
 from stddaq.bus.sockets import ipc_in_use
-from stddaq.config import STAGE_SUFFIXES, DetectorConfig
+from stddaq.config import STAGE_SUFFIXES, DetectorConfig, read_config_text
 from stddaq.errors import UsageError
-from stddaq.services.base import SUPERVISOR_ENV, handle_stop_signals
+from stddaq.services.base import CONFIG_SNAPSHOT_ENV, SUPERVISOR_ENV, handle_stop_signals
 
 log = logging.getLogger("stddaq.up")
 
@@ -146,8 +147,10 @@ class Supervisor:
     """Runs a list of ServiceSpec as child processes until ``stop()``."""
 
     def __init__(self, specs: list[ServiceSpec], *, grace: float = 5.0, backoff: float = 0.5, out=None,
-                 leftovers: list[Path] = ()) -> None:
+                 leftovers: list[Path] = (), env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> None:
         self.children = [_Child(spec) for spec in specs]
+        self.env = dict(env or {})  # for every child, beside ours (config_snapshot's)
+        self.pass_fds = pass_fds
         self.leftovers = list(leftovers)  # the deployment's ipc sockets and shm objects (deployment_paths)
         self.grace = grace
         self.backoff = backoff
@@ -157,9 +160,10 @@ class Supervisor:
         self.failed: str | None = None
 
     def _spawn(self, child: _Child) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUPERVISOR_ENV: str(os.getpid())})
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{SUPERVISOR_ENV: str(os.getpid())}, **self.env)
         child.process = subprocess.Popen(child.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                         pass_fds=self.pass_fds)
         child.started = time.monotonic()
         child.restart_at = None
         thread = threading.Thread(target=self._forward, args=(child.spec.name, child.process), daemon=True)
@@ -303,6 +307,16 @@ def claim_deployment(config: DetectorConfig) -> socket.socket:
     return claim
 
 
+def config_snapshot(text: str, path: Path) -> tuple[int, dict[str, str]]:
+    """A file descriptor holding ``text`` (the config file ``path`` as ``up`` read it) and the
+    environment that makes the services read it instead of the file (``services.base.load_config``):
+    a service restarted after a crash runs what the others run, whatever was edited in the file
+    since (for the next run). In memory: nothing is left on disk, even after a SIGKILL."""
+    fd = os.memfd_create(f"stddaq-config-{path.name}")  # close-on-exec; Popen's pass_fds hands it on
+    os.write(fd, text.encode("utf-8"))
+    return fd, {CONFIG_SNAPSHOT_ENV: f"{fd}:{path}"}
+
+
 def check_not_running(config: DetectorConfig) -> None:
     """UsageError if a service of this detector already listens on one of the deployment's ipc
     sockets: a second deployment would take their names over and cut the first one's services
@@ -324,13 +338,17 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
             log.info("no config given: running the built-in demo (%s)", path)
         else:
             path = Path(config_path)
-        config = DetectorConfig.load(path)
+        text = read_config_text(path)
+        config = DetectorConfig.loads(text, source=str(path))
         claim = claim_deployment(config)
+        snapshot, env = config_snapshot(text, path)
         try:
             check_not_running(config)  # before the ports: a running deployment holds them (named so first)
             check_ports_free(listening_ports(config, driver_port))
             supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
-                                    leftovers=deployment_paths(config))
+                                    leftovers=deployment_paths(config), env=env, pass_fds=(snapshot,))
+            if not demo:
+                log.info("the services run %s as it is now: an edit takes effect at the next `stddaq up`", path)
 
             def _on_signal(signum: int, _frame: object) -> None:
                 supervisor.stop()
@@ -342,4 +360,5 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
                 for s, handler in previous.items():
                     signal.signal(s, handler)
         finally:
+            os.close(snapshot)
             claim.close()

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from stddaq.config import DetectorConfig
-from stddaq.errors import StddaqError, UsageError
+from stddaq.errors import ConfigError, StddaqError, UsageError
 from stddaq.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,26 @@ def handle_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
     return previous
 #: set by `stddaq up` for its children: the supervisor's pid
 SUPERVISOR_ENV = "STDDAQ_SUPERVISOR_PID"
+#: set by `stddaq up` for its children: ``FD:PATH``, the config file PATH as the supervisor read it
+#: at its start, in the inherited file descriptor FD (a restarted child must not read an edit)
+CONFIG_SNAPSHOT_ENV = "STDDAQ_CONFIG_SNAPSHOT"
+
+
+def load_config(path: str) -> DetectorConfig:
+    """The config ``path``; under `stddaq up`, the text the supervisor read from it at its start.
+    A service it restarts (after a crash) must run the deployment the others run, not what an
+    operator has since edited in the file for a next run (another image size replaced the ring
+    buffer under the readers; a broken edit stopped the deployment)."""
+    snapshot = os.environ.get(CONFIG_SNAPSHOT_ENV, "")
+    fd, _, snapshot_path = snapshot.partition(":")
+    if not fd.isdigit() or snapshot_path != path:  # not started by `up`, or with another config
+        return DetectorConfig.load(path)
+    try:
+        text = os.pread(int(fd), os.fstat(int(fd)).st_size, 0).decode("utf-8")
+        os.close(int(fd))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the copy `stddaq up` passed in file descriptor {fd}: {exc}") from None
+    return DetectorConfig.loads(text, source=path)
 
 
 def die_with_supervisor() -> None:
@@ -239,7 +259,7 @@ def service_main(prog: str, parser: ArgumentParser, build: Callable[[DetectorCon
     parser.prog = prog
     try:
         args = parser.parse_args(argv)
-        config = DetectorConfig.load(args.detector_json_filename)
+        config = load_config(args.detector_json_filename)
         setup_logging(config.python_log_level)
         service = build(config, args)
     except StddaqError as exc:
