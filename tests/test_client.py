@@ -297,6 +297,40 @@ def test_blocking_record_sends_stop_at_ctrl_c(tmp_path) -> None:
     assert proc.returncode != 0 and err.strip().splitlines()[-1] == "KeyboardInterrupt"
 
 
+@pytest.mark.parametrize("leave", ["on_status raises", "wait_for times out"])
+def test_a_record_left_before_its_end_stops_its_run(tmp_path, leave) -> None:
+    """A bug in the caller's on_status, or its wait_for giving up, left the run it had started
+    going on at the driver with nobody following it (with no n_image: for good)."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "idle"}))
+        received.append(json.loads(await ws.recv()))
+        for count in range(100):
+            await ws.send(json.dumps({"status": "recording", "count": count}))
+            try:
+                received.append(json.loads(await asyncio.wait_for(ws.recv(), 0.05)))
+                return
+            except TimeoutError:
+                continue
+
+    def on_status(message: dict) -> None:
+        if leave == "on_status raises" and message.get("count") == 3:
+            raise ValueError("a bug in the caller's callback")
+
+    async def run(url: str) -> None:
+        async with DriverClient(url) as client:
+            await asyncio.wait_for(client.record(str(tmp_path), on_status=on_status), 0.5)
+
+    with ScriptedDriver(script) as driver:
+        with pytest.raises(ValueError if leave == "on_status raises" else TimeoutError):
+            asyncio.run(run(driver.url))
+        assert wait_until(lambda: len(driver.received) == 2, timeout=5)
+    assert [m["command"] for m in driver.received] == ["start", "stop"]
+
+
 def test_a_client_used_closed_or_unconnected_says_so() -> None:
     """Reading a closed LiveStreamClient, or a DriverClient outside `async with`, raised a bare
     AttributeError of None."""

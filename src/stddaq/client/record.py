@@ -151,7 +151,10 @@ class DriverClient:
         """Start and follow one recording to file_saved / error / rejected.
 
         Setting ``stop_event`` sends stop once and keeps following until the files are closed.
-        The driver shows a previous run's end (file_saved or error) for a moment before it is
+        Leaving before the end by an exception (``on_status`` raised, the connection timed out) or
+        a cancel (the caller's ``wait_for``) sends stop too: the run this call started must not go
+        on without anybody following it (until stop, with no n_image). The driver then closes the
+        files by itself. The driver shows a previous run's end (file_saved or error) for a moment before it is
         idle again; the start is sent only once that has passed, so every final status after the
         start is this run's (or the answer to the start itself).
         """
@@ -166,8 +169,10 @@ class DriverClient:
         await self.start(path, n_image=n_image, file_prefix=file_prefix, start_id=start_id, writer_id=writer_id)
         seen_busy = False
         stop_sent = False
+        ended = False
         statuses: list[dict[str, Any]] = []
         stop_wait = asyncio.ensure_future(stop_event.wait()) if stop_event is not None else None
+        receive = None
         try:
             while True:
                 if stop_wait is not None and stop_wait.done() and not stop_sent:
@@ -177,8 +182,7 @@ class DriverClient:
                 waits = {receive} if stop_wait is None or stop_sent else {receive, stop_wait}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if not receive.done():
-                    receive.cancel()
-                    await asyncio.gather(receive, return_exceptions=True)
+                    await _cancel(receive)
                     continue
                 message = receive.result()
                 status = message["status"]
@@ -189,13 +193,32 @@ class DriverClient:
                     seen_busy = True
                     continue
                 if status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL):
+                    ended = True
                     files = list_files(path, "file" if file_prefix is None else file_prefix, since=started_at) if status == "file_saved" else []
                     return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses,
                                         n_image, stop_sent)
-        finally:
-            if stop_wait is not None and not stop_wait.done():
-                stop_wait.cancel()
-                await asyncio.gather(stop_wait, return_exceptions=True)
+        finally:  # a task left pending would end later in an exception nobody retrieves (logged at exit)
+            await _cancel(stop_wait, receive)
+            if not ended and not stop_sent:
+                await self._abandon()
+
+    async def _abandon(self) -> None:
+        """Stop the run a ``record`` leaves before its end, as far as the connection still allows
+        (an exception or a cancel is on its way out: this adds none)."""
+        if self._connection is None:
+            return
+        try:
+            await asyncio.wait_for(self.stop(), 2.0)
+        except (DriverError, TimeoutError, asyncio.CancelledError):
+            return
+
+
+async def _cancel(*tasks: asyncio.Future | None) -> None:
+    """Cancel the pending ones of ``tasks`` and wait for them to end."""
+    pending = [task for task in tasks if task is not None and not task.done()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _last_count(statuses: list[dict[str, Any]]) -> int:
