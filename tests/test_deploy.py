@@ -20,13 +20,14 @@ from stddaq.bus import ImagePublisher, ImageSubscriber
 from stddaq.deploy import (
     ServiceSpec,
     Supervisor,
+    check_buffers_fit,
     check_ports_free,
     claim_deployment,
     config_snapshot,
     listening_ports,
     plan,
 )
-from stddaq.errors import UsageError
+from stddaq.errors import ConfigError, UsageError
 
 
 def _run(supervisor: Supervisor, duration: float | None = None) -> threading.Thread:
@@ -139,6 +140,33 @@ def test_up_refuses_a_busy_live_stream_port_before_starting_anything(make_config
     assert f"std_live_stream tcp://127.0.0.1:{port} cannot listen on 127.0.0.1:{port}: the port is in use" \
         in out.stderr
     assert "live_stream_configs" in out.stderr and "[std_sim]" not in out.stdout  # nothing was started
+
+
+def test_up_refuses_buffers_that_do_not_fit_in_dev_shm_before_starting_anything(make_config) -> None:
+    """An image of 100000x100000 passed, then the simulator and the monitor died of MemoryError
+    and were restarted until `up` gave up; ring buffers of stages that together do not fit
+    failed one by one after the others started."""
+    config, path = make_config(image_pixel_height=100000, image_pixel_width=100000, number_of_writers=0)
+    out = subprocess.run([sys.executable, "-m", "stddaq.cli", "up", str(path), "--duration", "20"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "[std_sim]" not in out.stdout, out.stdout + out.stderr
+    assert (f"no room in /dev/shm for the RAM buffer /dev/shm/{config.channel('image')} ({config.n_slots} slots "
+            f"of {config.image_n_bytes} bytes each): ") in out.stderr and "lower ram_buffer_gb" in out.stderr
+    assert not Path(f"/dev/shm/{config.channel('image')}").exists()
+    # alone, the simulator says so too, instead of a MemoryError of its pattern
+    sim = subprocess.run([sys.executable, "-m", "stddaq.services.simulator", str(path), "--n-images", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert sim.returncode == 2 and "no room in /dev/shm" in sim.stderr and "MemoryError" not in sim.stderr
+
+    # each of two buffers fits, the two together do not
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    config, _ = make_config(image_pixel_height=512, image_pixel_width=1024,
+                            ram_buffer_slots=int(free * 0.7) // (512 * 1024 * 2),
+                            compression_stages={"blosc2": {"threads": 1}})
+    with pytest.raises(ConfigError, match=rf"no room in /dev/shm for the 2 RAM buffers /dev/shm/"
+                                          rf"{{{config.channel('image')},{config.channel('blosc2')}}} "):
+        check_buffers_fit(config)
+    check_buffers_fit(make_config(compression_stages={"blosc2": {"threads": 1}})[0])  # a small one passes
 
 
 def test_up_refuses_a_second_deployment_of_a_running_detector(make_config) -> None:

@@ -170,8 +170,8 @@ def test_a_buffer_larger_than_the_room_in_dev_shm_is_refused(monkeypatch) -> Non
     monkeypatch.setattr(ram_buffer.os, "statvfs", lambda path: Almost() if path == "/dev/shm" else real(path))
     leftover = []
     try:
-        with pytest.raises(ConfigError, match=rf"the RAM buffer /dev/shm/{layout.name} needs 8.0 MiB, but /dev/shm "
-                                              r"has 5.0 MiB free \(lower ram_buffer_gb or ram_buffer_slots"):
+        with pytest.raises(ConfigError, match=rf"no room in /dev/shm for the RAM buffer /dev/shm/{layout.name}: "
+                                              r"8.0 MiB needed, 5.0 MiB free \(lower ram_buffer_gb or ram_buffer_slots"):
             leftover.append(RamBuffer.create(layout))
     finally:  # made after all (this test failing): not left in /dev/shm
         for buffer in leftover:

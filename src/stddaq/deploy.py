@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stddaq.bus.ram_buffer import GUARD_SUFFIX
+from stddaq.bus.ram_buffer import GUARD_SUFFIX, check_shm_room
 from stddaq.bus.sockets import ipc_in_use
 from stddaq.config import STAGE_SUFFIXES, DetectorConfig, read_config_text
 from stddaq.errors import UsageError
@@ -317,6 +317,22 @@ def config_snapshot(text: str, path: Path) -> tuple[int, dict[str, str]]:
     return fd, {CONFIG_SNAPSHOT_ENV: f"{fd}:{path}"}
 
 
+def check_buffers_fit(config: DetectorConfig) -> None:
+    """ConfigError if /dev/shm cannot hold the ring buffers of all the deployment's channels,
+    before anything starts: otherwise the stages (or, for an image too big for memory, the
+    simulator and the monitor, by MemoryError) failed one by one after the others started. A
+    buffer of this detector left by a crashed deployment is replaced: its room counts as free."""
+    channels = [config.channel(name) for name in ["image", *(STAGE_SUFFIXES[c] for c in config.compression_stages)]]
+    left = 0
+    for channel in channels:
+        with contextlib.suppress(OSError):
+            left += os.stat(f"/dev/shm/{channel}").st_size
+    what = (f"the RAM buffer /dev/shm/{channels[0]}" if len(channels) == 1 else
+            f"the {len(channels)} RAM buffers /dev/shm/{{{','.join(channels)}}}")
+    check_shm_room(config.buffer_n_bytes * len(channels), f"{what} ({config.n_slots} slots of "
+                   f"{config.image_n_bytes} bytes each)", left)
+
+
 def check_not_running(config: DetectorConfig) -> None:
     """UsageError if a service of this detector already listens on one of the deployment's ipc
     sockets: a second deployment would take their names over and cut the first one's services
@@ -345,6 +361,7 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
         try:
             check_not_running(config)  # before the ports: a running deployment holds them (named so first)
             check_ports_free(listening_ports(config, driver_port))
+            check_buffers_fit(config)
             supervisor = Supervisor(plan(config, path, demo=demo, driver_port=driver_port),
                                     leftovers=deployment_paths(config), env=env, pass_fds=(snapshot,))
             if not demo:

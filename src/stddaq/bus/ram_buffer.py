@@ -163,17 +163,18 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool,
         os.close(fd)
 
 
-def _check_room(layout: BufferLayout, reclaimed: int = 0) -> None:
-    """ConfigError if /dev/shm cannot hold the whole buffer now. Its pages are taken only as
-    slots are first written, so a buffer larger than the room left would be made, and its
-    writer killed by SIGBUS (no message; restarted, again and again) once /dev/shm is full,
-    taking every other buffer there down with it. ``reclaimed``: the size of the buffer this one
-    replaces (a crashed writer's), counted free: its readers let it go once they follow."""
+def check_shm_room(n_bytes: int, what: str, reclaimed: int = 0) -> None:
+    """ConfigError if /dev/shm cannot hold ``n_bytes`` of RAM buffers (``what``) now. A buffer's
+    pages are taken only as slots are first written, so a buffer larger than the room left would
+    be made, and its writer killed by SIGBUS (no message; restarted, again and again) once
+    /dev/shm is full, taking every other buffer there down with it. ``reclaimed``: the size of
+    the buffers these replace (a crashed writer's), counted free: their readers let them go once
+    they follow."""
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize + reclaimed
-    if layout.n_bytes > free:
-        raise ConfigError(f"the RAM buffer /dev/shm/{layout.name} needs {_size(layout.n_bytes)}, but /dev/shm has "
-                          f"{_size(free)} free (lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
+    if n_bytes > free:
+        raise ConfigError(f"no room in /dev/shm for {what}: {_size(n_bytes)} needed, {_size(free)} free (lower "
+                          "ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
 
 
 def _size(n_bytes: int) -> str:
@@ -247,7 +248,7 @@ class RamBuffer:
                 LAYOUT_MAGIC, layout.slot_n_bytes, layout.n_slots, RUN_WORDS)
             lock_fd = _posixshmem.shm_open("/" + layout.name + GUARD_SUFFIX, os.O_RDWR, mode=0)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _check_room(layout, reclaimed)
+            check_shm_room(layout.n_bytes, f"the RAM buffer /dev/shm/{layout.name}", reclaimed)
             os.ftruncate(fd, layout.n_bytes)
             data = mmap.mmap(fd, layout.n_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

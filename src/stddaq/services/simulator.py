@@ -54,8 +54,10 @@ class Simulator(Service):
 
     def _start(self) -> None:
         config = self.config
-        self._generator = (Ramp if self.pattern == "ramp" else Noise)(config.shape, config.dtype)
+        # the buffer first: it checks /dev/shm has room for it (an image too big for memory is
+        # refused so, with exit 2, not by a MemoryError of the pattern, restarted again and again)
         self.publisher = ImagePublisher(config, self.suffix, ctx=self.ctx).open()
+        self._generator = (Ramp if self.pattern == "ramp" else Noise)(config.shape, config.dtype)
         self.endpoints = {"metadata": self.publisher.address, "buffer": f"/dev/shm/{self.publisher.layout.name}"}
         self._metadata = image_metadata(config)
         self._fill_detector_fields(self._metadata, 0)
