@@ -534,6 +534,10 @@ def test_metadata_of_another_channel_than_the_ring_with_sm_and_si(make_config, s
     # these two hung for ever without a word: a socket left open kept the context's term() waiting
     (["--hwm", "99999999999999"], "99999999999999 is not allowed: must be 1..2147483647"),
     (["-s", "s" * 100], "is too long: its socket path"),
+    # was exit 1: `stddaq up` restarted it for 20 s before it gave up
+    (["--address", "tcp://no-such-host.invalid:9123"], "'no-such-host.invalid' is no interface, address or "
+                                                      "resolvable name of this machine"),
+    (["--address", "tcp://192.0.2.1:9123"], "'192.0.2.1' is no interface, address"),  # TEST-NET-1: not ours
 ])
 def test_cli_bad_input_exits_2_with_one_line(make_config, service, args: list, message: str) -> None:
     config, path = make_config()

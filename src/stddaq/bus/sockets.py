@@ -6,12 +6,13 @@ binder removes it itself: a name under /tmp belongs to whoever bound it.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
 import zmq
 
-from stddaq.errors import BusError
+from stddaq.errors import BusError, ConfigError
 from stddaq.net import allow_ipv6
 
 
@@ -42,6 +43,12 @@ def bind(sock: zmq.Socket, address: str, what: str) -> str:
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
+        if address.startswith("tcp://") and exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
+            # the address names no interface or address of this machine: a restart fails the same way
+            host = address.removeprefix("tcp://").rpartition(":")[0]
+            raise ConfigError(f"cannot bind {what} at {address}: {host!r} is no interface, address or resolvable "
+                              "name of this machine (a service listens on its own host: use *, an interface "
+                              f"name such as eth0, or one of this machine's addresses) ({exc.strerror})") from None
         raise BusError(f"cannot bind {what} at {address}: {exc.strerror}") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
