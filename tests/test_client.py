@@ -114,6 +114,12 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     (["up", "--duration", "-5"], "--duration: -5.0 is not allowed"),  # started and stopped everything
     (["record", "--driver", "localhost:8080", "--path", "/tmp", "--n-images", "1"],  # was a ValueError traceback
      "--driver: 'localhost:8080' is not a websocket address: must look like ws://host:port"),
+    (["record", "--driver", "ws://127.0.0.1:99999", "--path", "/tmp", "--n-images", "1"],  # was a connect error
+     "--driver: 'ws://127.0.0.1:99999': port 99999 is not allowed: must be 1..65535"),
+    (["record", "--driver", "ws://daq-host", "--path", "/tmp", "--n-images", "1"],  # went to port 80
+     "--driver: 'ws://daq-host' is not a websocket address: must look like ws://host:port (the driver's default"),
+    (["record", "--driver", "ws://127.0.0.1:\uff18\uff10", "--path", "/tmp", "--n-images", "1"],
+     "is not a websocket address"),
 ])
 def test_cli_bad_arguments_exit_2_in_one_line(args, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "stddaq.cli", *args], capture_output=True, text=True, timeout=60)

@@ -15,9 +15,12 @@ from stddaq.services.base import ArgumentParser, non_negative_int, port_number, 
 
 def driver_url(text: str) -> str:
     """``--driver``: a websocket address (the client's own check, as one line and exit 2)."""
-    if not text.startswith(("ws://", "wss://")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a websocket address: must look like ws://host:port")
-    return text
+    from stddaq.client.record import check_driver_url
+
+    try:
+        return check_driver_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,13 +60,27 @@ class RecordResult:
         return self.ok and (self.n_image is None or self.count >= self.n_image)
 
 
+_DRIVER_URL = re.compile(r"wss?://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]\s]+):([0-9]+)/?")
+
+
+def check_driver_url(url: str) -> str:
+    """``url`` if it is a driver's websocket address ``ws://host:port``; ValueError saying what is
+    wrong otherwise. The port must be given (a bare ``ws://host`` would go to port 80, not the
+    driver's 8080) and be 1..65535 (port 99999 failed with a message about the connection)."""
+    match = _DRIVER_URL.fullmatch(url)
+    if match is None:
+        raise ValueError(f"{url!r} is not a websocket address: must look like ws://host:port (the driver's "
+                         "default port is 8080)")
+    if not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"{url!r}: port {match.group(2)} is not allowed: must be 1..65535")
+    return url
+
+
 class DriverClient:
     """One websocket connection to a driver; ``statuses()`` yields every message it pushes."""
 
     def __init__(self, url: str, *, open_timeout: float = 10.0) -> None:
-        if not re.match(r"^wss?://", url):
-            raise ValueError(f"driver address {url!r} must look like ws://host:port")
-        self.url = url
+        self.url = check_driver_url(url)
         self.open_timeout = open_timeout
         self._connection = None
 
