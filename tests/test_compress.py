@@ -229,6 +229,26 @@ def test_stats_line_prints_the_ratio() -> None:
     assert stats.flush(2.0).endswith(",ratio=3.00")
 
 
+def test_stats_line_never_counts_below_zero_images() -> None:
+    """Images given up in a period after the one that counted them processed (a stage's last ones,
+    the source stopped) made that period's line say processed_times=-3 and a negative rate; the
+    lines' sum still comes to the totals once images come again."""
+    lines: list[str] = []
+    stats = Stats("det", "svc", 1.0, clock=lambda: 0.0, emit=lines.append)
+    for _ in range(10):
+        stats.processed(100)
+    stats.flush(1.0)
+    for _ in range(3):  # given up (ImageSubscriber.give_up)
+        stats.unprocessed(100)
+    assert "processed_times=0,repetition_rate_hz=0.0,processed_bytes=0" in stats.flush(2.0)
+    for _ in range(5):
+        stats.processed(100)
+    assert "processed_times=2,repetition_rate_hz=2.0,processed_bytes=200" in stats.flush(3.0)
+    assert "processed_times=0," in stats.flush(4.0)
+    assert stats.totals()["processed_times"] == 12
+    assert sum(int(re.search(r"processed_times=(\d+)", line)[1]) for line in lines) == 12
+
+
 # ---------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("codec,threads,extra,detector", [
     ("blosc2", 1, [], {}),

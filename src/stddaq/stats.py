@@ -44,6 +44,11 @@ class Stats:
         self.processed_times += 1
         self.processed_bytes += n_bytes
 
+    def unprocessed(self, n_bytes: int = 0) -> None:
+        """Take back one image counted ``processed`` (it was given up after all)."""
+        self.processed_times -= 1
+        self.processed_bytes -= n_bytes
+
     def declare(self, *names: str) -> None:
         """Counters that appear in every line, zero included (so a missing drop count is a 0)."""
         for name in names:
@@ -67,8 +72,11 @@ class Stats:
                                  **self._totals})
 
     def line(self, elapsed: float) -> str:
-        times = self.processed_times - self._period_processed[0]
-        n_bytes = self.processed_bytes - self._period_processed[1]
+        # images given up after all (ImageSubscriber.give_up) come off the count of the period they
+        # are given up in; counted in a period already printed, they made it negative (the source
+        # stopped): the line says 0 and the rest comes off the next periods (see flush)
+        times = max(0, self.processed_times - self._period_processed[0])
+        n_bytes = max(0, self.processed_bytes - self._period_processed[1])
         rate = times / elapsed if elapsed > 0 else 0.0
         parts = [f"detector={self.detector}", f"service={self.service}",
                  f"processed_times={times}", f"repetition_rate_hz={rate:.1f}", f"processed_bytes={n_bytes}"]
@@ -91,7 +99,8 @@ class Stats:
         text = self.line(now - self._period_start)
         self._emit(text)
         self._period = dict.fromkeys(self._period, 0)
-        self._period_processed = (self.processed_times, self.processed_bytes)
+        times, n_bytes = self._period_processed  # kept where the period went below 0 (see line)
+        self._period_processed = (max(times, self.processed_times), max(n_bytes, self.processed_bytes))
         self._period_start = now
         self._warned.clear()
         return text

@@ -363,8 +363,7 @@ class ImageSubscriber:
         It leaves the processed images and their bytes (the stage's stats line counted the bytes of
         images it then gave up: 342 images' worth beside 15 processed)."""
         self.stats.add("lost")
-        self.stats.processed_times -= 1
-        self.stats.processed_bytes -= image.data.nbytes  # what _accept counted: the blob, or the pixels
+        self.stats.unprocessed(image.data.nbytes)  # what _accept counted: the blob, or the pixels
 
     def _invalid(self, reason: str) -> None:
         """Count a message that gives no image. Multi-part messages are found here, not on every
