@@ -337,6 +337,77 @@ def test_a_record_left_before_its_end_stops_its_run(tmp_path, leave) -> None:
     assert [m["command"] for m in driver.received] == ["start", "stop"]
 
 
+@pytest.mark.parametrize("case", ["the driver runs another client's run", "the callback raises at the run's end"])
+def test_a_record_left_by_its_callback_stops_no_run_that_is_not_its_own(tmp_path, case) -> None:
+    """record() left by a raising callback sent stop whenever it had not seen its run end: with
+    the driver busy (its start rejected) that stopped another client's recording, and a callback
+    raising at file_saved sent a stop nobody asked for."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    busy = case == "the driver runs another client's run"
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "recording", "count": 1} if busy else {"status": "idle"}))
+        received.append(json.loads(await ws.recv()))
+        run = ([{"status": "recording", "count": 2}, {"status": "rejected", "reason": "driver is busy!"}] if busy else
+               [{"status": "creating_file"}, {"status": "recording", "count": 1}, {"status": "file_saved"}])
+        for status in run:
+            await ws.send(json.dumps(status))
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                received.append(json.loads(await asyncio.wait_for(ws.recv(), 1.0)))
+        except (TimeoutError, ConnectionClosed):  # the client left
+            return
+
+    def on_status(message: dict) -> None:
+        if busy or message["status"] == "file_saved":
+            raise ValueError("a bug in the caller's callback")
+
+    async def run(url: str) -> None:
+        async with DriverClient(url) as client:
+            await client.record(str(tmp_path), on_status=on_status)
+
+    with ScriptedDriver(script) as driver:
+        with pytest.raises(ValueError):
+            asyncio.run(run(driver.url))
+        time.sleep(0.3)
+    assert [m["command"] for m in driver.received] == ["start"]
+
+
+def test_a_client_kept_connected_takes_no_old_status_for_its_runs(tmp_path) -> None:
+    """A DriverClient kept connected without reading while another client ran a recording took
+    that run's statuses, queued in its connection, for its own: it returned the other run's
+    file_saved and count while its own run went on."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    async def script(ws, received) -> None:  # another client's whole run, then idle
+        for status in ([{"status": "recording", "count": c} for c in range(1, 51)] +
+                       [{"status": "saving_file", "count": 50}, {"status": "file_saved"}, {"status": "idle"}]):
+            await ws.send(json.dumps(status))
+        received.append(json.loads(await ws.recv()))
+        for status in ({"status": "creating_file"}, {"status": "recording", "count": 3},
+                       {"status": "saving_file", "count": 3}, {"status": "file_saved"}):
+            await asyncio.sleep(0.02)
+            await ws.send(json.dumps(status))
+        await asyncio.sleep(0.5)
+
+    async def run(url: str):
+        async with DriverClient(url) as client:
+            await asyncio.sleep(0.3)  # connected, not reading: the statuses queue up
+            return await client.record(str(tmp_path), n_image=3)
+
+    with ScriptedDriver(script) as driver:
+        result = asyncio.run(run(driver.url))
+    assert (result.status, result.count) == ("file_saved", 3) and result.complete
+    assert [m.get("count") for m in result.statuses if m["status"] == "recording"] == [3]
+
+
 def test_a_client_used_closed_or_unconnected_says_so() -> None:
     """Reading a closed LiveStreamClient, or a DriverClient outside `async with`, raised a bare
     AttributeError of None."""

@@ -31,6 +31,10 @@ FINAL = frozenset({"file_saved", "error", "rejected"})
 ACTIVE = frozenset({"creating_file", "waiting_for_first_image", "recording", "stop", "saving_file"})
 
 
+#: Statuses ``newest_status`` skips at most to reach the newest.
+MAX_BACKLOG = 1024
+
+
 class DriverError(Exception):
     """The driver could not be reached, or it closed the connection before the recording ended."""
 
@@ -134,14 +138,36 @@ class DriverClient:
 
     async def next_status(self, timeout: float | None = None) -> dict[str, Any]:
         """The next message the driver pushes; DriverError if the connection ends or times out."""
+        frame = await self._receive(timeout)
+        if frame is None:
+            raise DriverError(f"no status from the driver at {self.url} for {timeout:g} s")
+        return self._status(frame)
+
+    async def newest_status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The newest message the driver pushed: the next one, or the last of those already
+        waiting. A client kept connected without reading them has a backlog of old statuses (up
+        to websockets' queue, e.g. another client's whole run)."""
+        message = await self.next_status(timeout)
+        for _ in range(MAX_BACKLOG):  # bounded: a driver pushing faster than the 10 ms would keep it here
+            frame = await self._receive(0.01)  # only what is there already
+            if frame is None:
+                break
+            message = self._status(frame)
+        return message
+
+    async def _receive(self, timeout: float | None) -> str | bytes | None:
+        """One frame, None after ``timeout`` s (websockets' recv may be cancelled: nothing is lost)."""
         from websockets.exceptions import ConnectionClosed
 
         try:
-            frame = await asyncio.wait_for(self._connected().recv(), timeout)
+            return await asyncio.wait_for(self._connected().recv(), timeout)
         except ConnectionClosed as exc:
             raise DriverError(f"the driver at {self.url} closed the connection ({exc})") from None
         except TimeoutError:
-            raise DriverError(f"no status from the driver at {self.url} for {timeout:g} s") from None
+            return None
+
+    def _status(self, frame: str | bytes) -> dict[str, Any]:
+        """The status message in ``frame``; DriverError if it is not one."""
         try:
             message = json.loads(frame)
         except json.JSONDecodeError:
@@ -168,14 +194,17 @@ class DriverClient:
         Leaving before the end by an exception (``on_status`` raised, the connection timed out) or
         a cancel (the caller's ``wait_for``) sends stop too: the run this call started must not go
         on without anybody following it (until stop, with no n_image). The driver then closes the
-        files by itself. The driver shows a previous run's end (file_saved or error) for a moment before it is
-        idle again; the start is sent only once that has passed, so every final status after the
-        start is this run's (or the answer to the start itself).
+        files by itself. No stop is sent when the driver was busy with another client's run at the
+        start (the start is then rejected: the run going on is not this call's), nor after the
+        status that ended this call's run. The driver shows a previous run's end (file_saved or
+        error) for a moment before it is idle again; the start is sent only once that has passed,
+        so every final status after the start is this run's (or the answer to the start itself).
         """
-        first = await self.next_status(timeout)
+        first = await self.newest_status(timeout)  # not a backlog of old ones (another run's end)
         deadline = time.monotonic() + timeout
         while first["status"] in ("file_saved", "error") and time.monotonic() < deadline:
-            first = await self.next_status(timeout)
+            first = await self.newest_status(timeout)
+        busy = first["status"] in ACTIVE  # another client's run: the start will be rejected
         if stop_event is not None and stop_event.is_set():  # stopped while we waited: do not start at all
             return RecordResult("cancelled", 0, "stopped before the start was sent: nothing recorded",
                                 n_image=n_image)
@@ -201,19 +230,20 @@ class DriverClient:
                 message = receive.result()
                 status = message["status"]
                 statuses.append(message)
+                # before on_status: once the run ended, a callback raising must not send a stop
+                ended = status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL)
                 if on_status is not None:
                     on_status(message)
                 if status in ACTIVE:
                     seen_busy = True
                     continue
-                if status == "rejected" or (status == "error" and not seen_busy) or (seen_busy and status in FINAL):
-                    ended = True
+                if ended:
                     files = list_files(path, "file" if file_prefix is None else file_prefix, since=started_at) if status == "file_saved" else []
                     return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses,
                                         n_image, stop_sent)
         finally:  # a task left pending would end later in an exception nobody retrieves (logged at exit)
             await _cancel(stop_wait, receive)
-            if not ended and not stop_sent:
+            if not ended and not stop_sent and not busy:
                 await self._abandon()
 
     async def _abandon(self) -> None:
