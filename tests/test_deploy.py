@@ -168,6 +168,24 @@ def test_up_refuses_buffers_that_do_not_fit_in_dev_shm_before_starting_anything(
         check_buffers_fit(config)
     check_buffers_fit(make_config(compression_stages={"blosc2": {"threads": 1}})[0])  # a small one passes
 
+    # a buffer left by a crashed deployment counts with the pages it holds, not with its size (one
+    # never fully written holds fewer): it let any deployment of that detector through
+    config, _ = make_config(image_pixel_height=512, image_pixel_width=1024,
+                            ram_buffer_slots=int(free * 1.2) // (512 * 1024 * 2))
+    leftover = Path(f"/dev/shm/{config.channel('image')}")
+    with open(leftover, "wb") as f:
+        f.truncate(config.buffer_n_bytes)  # its size, no pages
+    try:
+        with pytest.raises(ConfigError, match="no room in /dev/shm"):
+            check_buffers_fit(config)
+    finally:
+        leftover.unlink()
+    # at the floor of 1000 slots ram_buffer_gb gives, lowering it cannot help: the hint says what does
+    config, _ = make_config(image_pixel_height=100000, image_pixel_width=100000, ram_buffer_slots=None,
+                            ram_buffer_gb=1)
+    with pytest.raises(ConfigError, match="ram_buffer_gb gives at least 1000 slots: set ram_buffer_slots lower"):
+        check_buffers_fit(config)
+
 
 def test_up_refuses_a_second_deployment_of_a_running_detector(make_config) -> None:
     """A second `stddaq up` of one detector took the first one's ipc names (its sim crash-looped

@@ -187,8 +187,10 @@ def test_a_crashed_writers_buffer_counts_as_room_for_its_replacement(monkeypatch
     name = unique_name("crash") + "-image"
     layout = BufferLayout(name, slot_n_bytes=1 << 20, n_slots=4)
     code = ("import os, signal\n"
+            "import numpy as np\n"
             "from stddaq.bus.ram_buffer import BufferLayout, RamBuffer\n"
             f"b = RamBuffer.create(BufferLayout({name!r}, 1 << 20, 4))\n"
+            "np.frombuffer(b.data, np.uint8)[:] = 1  # every slot written: its pages are held\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == -9
     real = os.statvfs

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from stddaq.bus.ram_buffer import GUARD_SUFFIX, check_shm_room
+from stddaq.bus.ram_buffer import GUARD_SUFFIX, check_shm_room, shm_allocated
 from stddaq.bus.sockets import ipc_in_use
-from stddaq.config import STAGE_SUFFIXES, DetectorConfig, read_config_text
+from stddaq.config import MIN_SLOTS, STAGE_SUFFIXES, DetectorConfig, read_config_text
 from stddaq.errors import UsageError
 from stddaq.services.base import CONFIG_SNAPSHOT_ENV, SUPERVISOR_ENV, handle_stop_signals
 
@@ -321,16 +321,18 @@ def check_buffers_fit(config: DetectorConfig) -> None:
     """ConfigError if /dev/shm cannot hold the ring buffers of all the deployment's channels,
     before anything starts: otherwise the stages (or, for an image too big for memory, the
     simulator and the monitor, by MemoryError) failed one by one after the others started. A
-    buffer of this detector left by a crashed deployment is replaced: its room counts as free."""
+    buffer of this detector left by a crashed deployment is replaced: the pages it holds count as
+    free (not its size: a ring never fully written holds fewer)."""
     channels = [config.channel(name) for name in ["image", *(STAGE_SUFFIXES[c] for c in config.compression_stages)]]
-    left = 0
-    for channel in channels:
-        with contextlib.suppress(OSError):
-            left += os.stat(f"/dev/shm/{channel}").st_size
     what = (f"the RAM buffer /dev/shm/{channels[0]}" if len(channels) == 1 else
             f"the {len(channels)} RAM buffers /dev/shm/{{{','.join(channels)}}}")
+    hint = None
+    if config.ram_buffer_slots is None and config.n_slots == MIN_SLOTS:  # ram_buffer_gb gives no fewer slots
+        hint = (f"ram_buffer_gb gives at least {MIN_SLOTS} slots: set ram_buffer_slots lower, make the images "
+                "smaller, or free /dev/shm")
     check_shm_room(config.buffer_n_bytes * len(channels), f"{what} ({config.n_slots} slots of "
-                   f"{config.image_n_bytes} bytes each)", left)
+                   f"{config.image_n_bytes} bytes each)", sum(shm_allocated(channel) for channel in channels),
+                   **({"hint": hint} if hint else {}))
 
 
 def check_not_running(config: DetectorConfig) -> None:

@@ -163,18 +163,27 @@ def _open_shm(name: str, n_bytes: int, create: bool, writable: bool,
         os.close(fd)
 
 
-def check_shm_room(n_bytes: int, what: str, reclaimed: int = 0) -> None:
+def shm_allocated(name: str) -> int:
+    """Bytes of /dev/shm the object ``name`` takes now (0 if there is none): the pages written,
+    not its size (a ring whose slots were never all written takes less)."""
+    try:
+        return os.stat(f"/dev/shm/{name}").st_blocks * 512
+    except OSError:
+        return 0
+
+
+def check_shm_room(n_bytes: int, what: str, reclaimed: int = 0,
+                   hint: str = "lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm") -> None:
     """ConfigError if /dev/shm cannot hold ``n_bytes`` of RAM buffers (``what``) now. A buffer's
     pages are taken only as slots are first written, so a buffer larger than the room left would
     be made, and its writer killed by SIGBUS (no message; restarted, again and again) once
     /dev/shm is full, taking every other buffer there down with it. ``reclaimed``: the size of
     the buffers these replace (a crashed writer's), counted free: their readers let them go once
-    they follow."""
+    they follow: the pages they hold (``shm_allocated``), not their size."""
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize + reclaimed
     if n_bytes > free:
-        raise ConfigError(f"no room in /dev/shm for {what}: {_size(n_bytes)} needed, {_size(free)} free (lower "
-                          "ram_buffer_gb or ram_buffer_slots, or free /dev/shm)")
+        raise ConfigError(f"no room in /dev/shm for {what}: {_size(n_bytes)} needed, {_size(free)} free ({hint})")
 
 
 def _size(n_bytes: int) -> str:
@@ -236,7 +245,7 @@ class RamBuffer:
                 ) from None
             log.warning("/dev/shm/%s was left behind by a writer that is gone; replacing it", layout.name)
             with contextlib.suppress(OSError):  # its pages stay taken while readers still map it
-                reclaimed = os.stat(f"/dev/shm/{layout.name}").st_size
+                reclaimed = shm_allocated(layout.name)
             for name in (layout.name, layout.name + GUARD_SUFFIX):
                 _unlink(name)
             fd = _claim(layout.name)
