@@ -95,6 +95,25 @@ def test_a_restarted_service_runs_the_config_up_read_not_an_edit_of_the_file(mak
     assert supervisor.failed == "services ended by themselves and were restarted: std_sim 2 time(s)"
 
 
+def test_the_config_snapshot_takes_any_file_name_and_is_read_once(make_config, monkeypatch, tmp_path) -> None:
+    """A config file name of 240 characters (memfd names end at 249 bytes) crashed `up` with a
+    traceback; a second load_config in one process read whatever file then had the fd's number."""
+    from stddaq.services.base import CONFIG_SNAPSHOT_ENV, load_config
+
+    config, path = make_config()
+    long_path = tmp_path / ("c" * 240 + ".json")
+    long_path.write_text(path.read_text())
+    fd, env = config_snapshot(long_path.read_text(), long_path)
+    monkeypatch.setenv(CONFIG_SNAPSHOT_ENV, env[CONFIG_SNAPSHOT_ENV])
+    long_path.write_text("{ edited")
+    assert load_config(str(long_path)).detector_name == config.detector_name  # the snapshot
+    assert CONFIG_SNAPSHOT_ENV not in os.environ
+    with pytest.raises(ConfigError, match="invalid JSON"):  # the file itself, as edited
+        load_config(str(long_path))
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by load_config
+
+
 def test_crash_loop_ends_the_deployment_with_a_reason() -> None:
     crasher = ServiceSpec("crasher", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
     out = io.StringIO()

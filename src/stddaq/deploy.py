@@ -312,7 +312,8 @@ def config_snapshot(text: str, path: Path) -> tuple[int, dict[str, str]]:
     environment that makes the services read it instead of the file (``services.base.load_config``):
     a service restarted after a crash runs what the others run, whatever was edited in the file
     since (for the next run). In memory: nothing is left on disk, even after a SIGKILL."""
-    fd = os.memfd_create(f"stddaq-config-{path.name}")  # close-on-exec; Popen's pass_fds hands it on
+    fd = os.memfd_create("stddaq-config")  # close-on-exec; Popen's pass_fds hands it on (a name of
+    # the file's own would have to be cut: memfd names end at 249 bytes, file names at 255)
     os.write(fd, text.encode("utf-8"))
     return fd, {CONFIG_SNAPSHOT_ENV: f"{fd}:{path}"}
 
@@ -359,8 +360,9 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
         text = read_config_text(path)
         config = DetectorConfig.loads(text, source=str(path))
         claim = claim_deployment(config)
-        snapshot, env = config_snapshot(text, path)
+        snapshot = None
         try:
+            snapshot, env = config_snapshot(text, path)
             check_not_running(config)  # before the ports: a running deployment holds them (named so first)
             check_ports_free(listening_ports(config, driver_port))
             check_buffers_fit(config)
@@ -379,5 +381,6 @@ def up(config_path: str | None, duration: float | None = None, driver_port: int 
                 for s, handler in previous.items():
                     signal.signal(s, handler)
         finally:
-            os.close(snapshot)
+            if snapshot is not None:
+                os.close(snapshot)
             claim.close()

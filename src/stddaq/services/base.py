@@ -227,6 +227,7 @@ def load_config(path: str) -> DetectorConfig:
     fd, _, snapshot_path = snapshot.partition(":")
     if not fd.isdigit() or snapshot_path != path:  # not started by `up`, or with another config
         return DetectorConfig.load(path)
+    del os.environ[CONFIG_SNAPSHOT_ENV]  # read once: the fd is closed below, its number may be reused
     try:
         text = os.pread(int(fd), os.fstat(int(fd)).st_size, 0).decode("utf-8")
         os.close(int(fd))
