@@ -115,11 +115,12 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     (["record", "--driver", "localhost:8080", "--path", "/tmp", "--n-images", "1"],  # was a ValueError traceback
      "--driver: 'localhost:8080' is not a websocket address: must look like ws://host:port"),
     (["record", "--driver", "ws://127.0.0.1:99999", "--path", "/tmp", "--n-images", "1"],  # was a connect error
-     "--driver: 'ws://127.0.0.1:99999': port 99999 is not allowed: must be 1..65535"),
+     "--driver: 'ws://127.0.0.1:99999' is not a websocket address: Port out of range 0-65535"),
     (["record", "--driver", "ws://daq-host", "--path", "/tmp", "--n-images", "1"],  # went to port 80
-     "--driver: 'ws://daq-host' is not a websocket address: must look like ws://host:port (the driver's default"),
+     "--driver: 'ws://daq-host' has no port: it would go to port 80 (must look like ws://host:port (the driver's "),
     (["record", "--driver", "ws://127.0.0.1:\uff18\uff10", "--path", "/tmp", "--n-images", "1"],
      "is not a websocket address"),
+    (["record", "--driver", "ws://127.0.0.1:0", "--path", "/tmp", "--n-images", "1"], "port 0 is not allowed"),
 ])
 def test_cli_bad_arguments_exit_2_in_one_line(args, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "stddaq.cli", *args], capture_output=True, text=True, timeout=60)
@@ -406,6 +407,17 @@ def test_a_client_kept_connected_takes_no_old_status_for_its_runs(tmp_path) -> N
         result = asyncio.run(run(driver.url))
     assert (result.status, result.count) == ("file_saved", 3) and result.complete
     assert [m.get("count") for m in result.statuses if m["status"] == "recording"] == [3]
+
+
+@pytest.mark.parametrize("url", ["ws://localhost:8080", "WS://daq-host:8080/", "wss://proxy/stddaq",
+                                 "ws://proxy:80/stddaq/driver", "ws://user:pw@daq-host:8080", "ws://[::1]:8080",
+                                 "ws://[fe80::1%eth0]:8080"])
+def test_every_form_of_driver_address_is_taken(url) -> None:
+    """The check took only ws://host:port: a driver behind a proxy (a path, the default port of
+    wss), an IPv6 zone, or the driver's own IPv6 address as it printed it were refused."""
+    from stddaq.client.record import DriverClient, check_driver_url
+
+    assert check_driver_url(url) == url and DriverClient(url).url == url
 
 
 def test_a_client_used_closed_or_unconnected_says_so() -> None:

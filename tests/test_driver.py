@@ -371,6 +371,21 @@ print("came back")
     assert out.returncode == 0 and "came back" in out.stdout, out.stderr[-2000:]
 
 
+def test_the_driver_names_its_ipv6_websocket_as_a_url_writes_it(make_config) -> None:
+    """It said ws://::1:PORT, an address no websocket client (ours refused it) takes."""
+    from stddaq.client.record import check_driver_url
+    from stddaq.services.driver import WriterDriver
+
+    config, _ = make_config(number_of_writers=1)
+    port = free_port()
+    driver = WriterDriver(config, host="::1", port=port).start()
+    try:
+        assert check_driver_url(driver.endpoints["websocket"]) == f"ws://[::1]:{port}"
+    finally:
+        driver.stop()
+        driver.close()
+
+
 def test_driver_bad_arguments_exit_2(make_config, service) -> None:
     config, path = make_config(number_of_writers=0)
     driver = service(DRIVER, path, "-p", free_port())

@@ -64,19 +64,25 @@ class RecordResult:
         return self.ok and (self.n_image is None or self.count >= self.n_image)
 
 
-_DRIVER_URL = re.compile(r"wss?://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]\s]+):([0-9]+)/?")
-
-
 def check_driver_url(url: str) -> str:
-    """``url`` if it is a driver's websocket address ``ws://host:port``; ValueError saying what is
-    wrong otherwise. The port must be given (a bare ``ws://host`` would go to port 80, not the
-    driver's 8080) and be 1..65535 (port 99999 failed with a message about the connection)."""
-    match = _DRIVER_URL.fullmatch(url)
-    if match is None:
-        raise ValueError(f"{url!r} is not a websocket address: must look like ws://host:port (the driver's "
-                         "default port is 8080)")
-    if not 1 <= int(match.group(2)) <= 65535:
-        raise ValueError(f"{url!r}: port {match.group(2)} is not allowed: must be 1..65535")
+    """``url`` if it is a driver's websocket address (``ws://host:port``, or ``wss://``, with a
+    path behind a proxy); ValueError saying what is wrong otherwise. A bare ``ws://host`` would go
+    to port 80, not the driver's 8080: its port must be given; a port must be 1..65535 (99999
+    failed with a message about the connection)."""
+    from urllib.parse import urlsplit
+
+    shape = "must look like ws://host:port (the driver's default port is 8080)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port out of range or not a number, a bracketed host no IP address
+        raise ValueError(f"{url!r} is not a websocket address: {exc} ({shape})") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"{url!r} is not a websocket address: {shape}")
+    if port == 0:
+        raise ValueError(f"{url!r}: port 0 is not allowed: must be 1..65535")
+    if port is None and parts.scheme == "ws" and parts.path in ("", "/"):
+        raise ValueError(f"{url!r} has no port: it would go to port 80 ({shape})")
     return url
 
 

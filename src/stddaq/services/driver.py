@@ -303,6 +303,7 @@ class WriterDriver(Service):
         if self._serve_error is not None:
             raise BusError(f"cannot serve the websocket on {self.host}:{self.port}: {self._serve_error}")
         shown = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address, as a URL writes it
         self.endpoints = {"websocket": f"ws://{shown}:{self.port}", "source": self.config.ipc_address(self.suffix)}
         for link in self._all_links():
             self.endpoints[f"{link.key}-actions"] = link.action_address
