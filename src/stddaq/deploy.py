@@ -93,8 +93,9 @@ _ANY = ("0.0.0.0", "::")
 def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
     """UsageError naming the first port a service could not listen on (and what to do), before
     anything starts: otherwise that service crash-loops until the supervisor gives up. Two
-    services wanting the same port are named too. A host this machine does not resolve (zmq
-    also binds interface names, e.g. ``tcp://eth0:9100``) is not checked: the service says."""
+    services wanting the same port are named too, and a host that is no address, name or
+    interface of this machine. An interface name (zmq binds those, e.g. ``tcp://eth0:9100``)
+    is not checked: the service says."""
     for index, (service, host, port) in enumerate(ports):
         for other, other_host, other_port in ports[:index]:
             if port == other_port and port != 0 and (host == other_host or host in _ANY or other_host in _ANY):
@@ -103,7 +104,12 @@ def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
             family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                                  flags=socket.AI_PASSIVE)[0]
         except socket.gaierror as exc:
-            log.warning("%s: cannot check %s:%d before starting (%s)", service, host, port, exc.strerror)
+            try:
+                socket.if_nametoindex(host)  # an interface name (zmq binds those): not checked here
+            except OSError:
+                raise UsageError(f"{service} cannot listen on {host}:{port}: {host!r} is no interface, address or "
+                                 f"resolvable name of this machine ({exc.strerror}; use *, an interface name such "
+                                 "as eth0, or one of this machine's addresses)") from None
             continue
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as zmq and websockets bind

@@ -12,7 +12,7 @@ import socket
 
 import zmq
 
-from stddaq.errors import BusError, ConfigError
+from stddaq.errors import BusError
 from stddaq.net import allow_ipv6
 
 
@@ -44,11 +44,13 @@ def bind(sock: zmq.Socket, address: str, what: str) -> str:
         sock.bind(address)
     except zmq.ZMQError as exc:
         if address.startswith("tcp://") and exc.errno in (errno.ENODEV, errno.EADDRNOTAVAIL):
-            # the address names no interface or address of this machine: a restart fails the same way
+            # not a config error (exit 2): under `stddaq up` that stops the whole deployment, and a
+            # name that did not resolve for a moment, or an address gone in a link flap, may come back
+            # (`up` refuses a host that is none of these before it starts anything)
             host = address.removeprefix("tcp://").rpartition(":")[0]
-            raise ConfigError(f"cannot bind {what} at {address}: {host!r} is no interface, address or resolvable "
-                              "name of this machine (a service listens on its own host: use *, an interface "
-                              f"name such as eth0, or one of this machine's addresses) ({exc.strerror})") from None
+            raise BusError(f"cannot bind {what} at {address}: {host!r} is no interface, address or resolvable "
+                           "name of this machine (a service listens on its own host: use *, an interface "
+                           f"name such as eth0, or one of this machine's addresses) ({exc.strerror})") from None
         raise BusError(f"cannot bind {what} at {address}: {exc.strerror}") from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
