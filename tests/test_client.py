@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zmq
 from conftest import wait_until
@@ -85,6 +86,18 @@ def _watch_a_sender(message, duration: float) -> str:
         pub.close(0)
         ctx.term()
     return out.getvalue()
+
+
+def test_watch_shows_how_the_ids_of_a_periodic_stream_step() -> None:
+    """A periodic stream (every 10th image) showed only gaps=45 a second: it read as images lost."""
+    out = _watch_a_sender(lambda i: array10.encode(10 * i, np.zeros((4, 4), np.uint16)), 1.5)
+    lines = [ln for ln in out.splitlines() if ln.startswith("frames=") and not ln.startswith("frames=0")]
+    assert lines, out
+    for line in lines:
+        frames = int(line.split()[0].split("=")[1])
+        gaps = int(line.split("gaps=")[1].split()[0])
+        assert gaps == 9 * (frames - (line is lines[0])), line  # 9 skipped ids per step
+        assert " steps=+10 x" in line and ",+" not in line, line
 
 
 def test_watch_says_messages_it_cannot_read() -> None:

@@ -8,7 +8,8 @@
 ``header`` is the array-1.0 header dict, or for bsread the main header dict with two keys added:
 ``"frame"`` (= pulse_id, so both formats are read alike) and ``"channel"`` (the data header's
 channel dict). ``image`` is a (height, width) numpy array. ``stats`` counts ``received``, ``gaps``
-(ids skipped between two received messages: the sender or the network dropped them) and
+(ids skipped between two received messages: a periodic or batch stream skips them on purpose,
+else the sender or the network dropped them) and
 ``invalid`` (messages that were not either format); ``last_error`` says why the last one was.
 
 Imports only numpy, pyzmq and stddaq.formats, so it installs on a laptop without HDF5.
@@ -124,13 +125,26 @@ class LiveStreamClient:
         self.close()
 
 
+def _steps(previous: int | None, ids: list[int], most: int = 3) -> str:
+    """`` steps=+10 x99,+1 x2``: how the ids stepped (from ``previous``, the id before them), the
+    ``most`` frequent steps first."""
+    from collections import Counter
+
+    chain = ([] if previous is None else [previous]) + ids
+    counts = Counter(b - a for a, b in zip(chain, chain[1:], strict=False))
+    return " steps=" + ",".join(f"{step:+d} x{n}" for step, n in counts.most_common(most))
+
+
 def watch(address: str, *, duration: float | None = None, socket_type: str = "sub", interval: float = 1.0,
           out=None, clock=time.monotonic) -> int:
     """`stddaq watch`: print once per ``interval`` the ids received, the rate and the gaps.
 
     One line per interval: ``frames=N rate_hz=R ids=FIRST..LAST gaps=G shape=[H, W] type=T``, or
     ``frames=0 (no messages)``; messages that came but could not be read add ``invalid=K (last:
-    why)``. Returns the number of messages received.
+    why)``. Where ids did not all follow each other, ``steps=+S xK,...`` says how they stepped
+    (the most frequent first): a periodic stream (``-p 1:10``) steps +10 each time and a batch one
+    a regular pattern, a stream losing images at random steps irregularly. Returns the number of
+    messages received.
     """
     import sys
 
@@ -146,6 +160,7 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
             period_end = start + period * interval if end is None else min(start + period * interval, end)
             ids: list[int] = []
             gaps_before, invalid_before = client.stats["gaps"], client.stats["invalid"]
+            previous_id = client.last_id
             last = None
             while (remaining := period_end - clock()) > 0:
                 message = client.receive(timeout=max(remaining, 0.001))
@@ -157,9 +172,10 @@ def watch(address: str, *, duration: float | None = None, socket_type: str = "su
             unread = f" invalid={invalid} (last: {client.last_error})" if invalid else ""
             if last is not None:
                 _, pixels = last
+                gaps = client.stats["gaps"] - gaps_before
                 print(f"frames={len(ids)} rate_hz={len(ids) / (period_end - period_start):.1f} ids={ids[0]}..{ids[-1]} "
-                      f"gaps={client.stats['gaps'] - gaps_before} shape={list(pixels.shape)} type={pixels.dtype.name}"
-                      f"{unread}", file=out, flush=True)
+                      f"gaps={gaps}{_steps(previous_id, ids) if gaps else ''} shape={list(pixels.shape)} "
+                      f"type={pixels.dtype.name}{unread}", file=out, flush=True)
             elif invalid:
                 print(f"frames=0{unread}", file=out, flush=True)
             else:
