@@ -358,20 +358,20 @@ def test_a_record_left_by_its_callback_stops_no_run_that_is_not_its_own(tmp_path
     raising at file_saved sent a stop nobody asked for."""
     import asyncio
 
+    from websockets.exceptions import ConnectionClosed
+
     from stddaq.client.record import DriverClient
 
     busy = case == "the driver runs another client's run"
 
     async def script(ws, received) -> None:
         await ws.send(json.dumps({"status": "recording", "count": 1} if busy else {"status": "idle"}))
-        received.append(json.loads(await ws.recv()))
-        run = ([{"status": "recording", "count": 2}, {"status": "rejected", "reason": "driver is busy!"}] if busy else
-               [{"status": "creating_file"}, {"status": "recording", "count": 1}, {"status": "file_saved"}])
-        for status in run:
-            await ws.send(json.dumps(status))
-        from websockets.exceptions import ConnectionClosed
-
         try:
+            if not busy:
+                received.append(json.loads(await ws.recv()))
+                for status in ({"status": "creating_file"}, {"status": "recording", "count": 1},
+                               {"status": "file_saved"}):
+                    await ws.send(json.dumps(status))
             while True:
                 received.append(json.loads(await asyncio.wait_for(ws.recv(), 1.0)))
         except (TimeoutError, ConnectionClosed):  # the client left
@@ -389,7 +389,42 @@ def test_a_record_left_by_its_callback_stops_no_run_that_is_not_its_own(tmp_path
         with pytest.raises(ValueError):
             asyncio.run(run(driver.url))
         time.sleep(0.3)
-    assert [m["command"] for m in driver.received] == ["start"]
+    assert [m["command"] for m in driver.received] == ([] if busy else ["start"])
+
+
+def test_a_busy_driver_gets_no_start(tmp_path) -> None:
+    """A start sent while another client's run went on could arrive just after that run's end:
+    the client returned the other run's file_saved and count while its own run went on with
+    nobody following it; a Ctrl-C before the driver's answer stopped the other client's run."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    async def script(ws, received) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for status in ({"status": "recording", "count": 190}, {"status": "saving_file", "count": 200},
+                           {"status": "file_saved"}, {"status": "idle"}):
+                await ws.send(json.dumps(status))
+                await asyncio.sleep(0.05)
+            while True:
+                received.append(json.loads(await asyncio.wait_for(ws.recv(), 1.0)))
+        except (TimeoutError, ConnectionClosed):
+            return
+
+    async def run(url: str):
+        async with DriverClient(url) as client:
+            return await client.record(str(tmp_path), n_image=50, on_status=seen.append)
+
+    seen: list[dict] = []
+    with ScriptedDriver(script) as driver:
+        result = asyncio.run(run(driver.url))
+        time.sleep(0.3)
+    assert (result.status, result.count, result.ok) == ("rejected", 0, False)
+    assert "the driver is busy with another run (it is at recording)" in result.reason
+    assert seen == result.statuses and len(seen) == 1
+    assert driver.received == []
 
 
 def test_a_client_kept_connected_takes_no_old_status_for_its_runs(tmp_path) -> None:

@@ -200,17 +200,27 @@ class DriverClient:
         Leaving before the end by an exception (``on_status`` raised, the connection timed out) or
         a cancel (the caller's ``wait_for``) sends stop too: the run this call started must not go
         on without anybody following it (until stop, with no n_image). The driver then closes the
-        files by itself. No stop is sent when the driver was busy with another client's run at the
-        start (the start is then rejected: the run going on is not this call's), nor after the
-        status that ended this call's run. The driver shows a previous run's end (file_saved or
+        files by itself (no stop is sent after the status that ended this call's run).
+
+        A driver busy with another client's run (creating_file .. saving_file) gets no start: the
+        result is ``rejected`` at once, as the driver would answer. Sent anyway, the start could
+        arrive just after that run's end and start a run nobody follows, while this call took the
+        other run's statuses (and its file_saved) for its own; a stop (Ctrl-C) before the driver's
+        answer stopped the other client's run. The driver shows a previous run's end (file_saved or
         error) for a moment before it is idle again; the start is sent only once that has passed,
         so every final status after the start is this run's (or the answer to the start itself).
+        Left: a start of another client that reaches the driver in the same instant as this one.
         """
         first = await self.newest_status(timeout)  # not a backlog of old ones (another run's end)
         deadline = time.monotonic() + timeout
         while first["status"] in ("file_saved", "error") and time.monotonic() < deadline:
             first = await self.newest_status(timeout)
-        busy = first["status"] in ACTIVE  # another client's run: the start will be rejected
+        if first["status"] in ACTIVE:
+            message = {"status": "rejected", "reason": f"the driver is busy with another run (it is at "
+                                                       f"{first['status']}): nothing was started"}
+            if on_status is not None:
+                on_status(message)
+            return RecordResult("rejected", 0, message["reason"], statuses=[message], n_image=n_image)
         if stop_event is not None and stop_event.is_set():  # stopped while we waited: do not start at all
             return RecordResult("cancelled", 0, "stopped before the start was sent: nothing recorded",
                                 n_image=n_image)
@@ -249,7 +259,7 @@ class DriverClient:
                                         n_image, stop_sent)
         finally:  # a task left pending would end later in an exception nobody retrieves (logged at exit)
             await _cancel(stop_wait, receive)
-            if not ended and not stop_sent and not busy:
+            if not ended and not stop_sent:
                 await self._abandon()
 
     async def _abandon(self) -> None:
