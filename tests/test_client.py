@@ -134,6 +134,13 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     (["record", "--driver", "ws://127.0.0.1:\uff18\uff10", "--path", "/tmp", "--n-images", "1"],
      "is not a websocket address"),
     (["record", "--driver", "ws://127.0.0.1:0", "--path", "/tmp", "--n-images", "1"], "port 0 is not allowed"),
+    # websockets refused these at connect (exit 1) or took another host
+    (["record", "--driver", "ws://user@127.0.0.1:8080", "--path", "/tmp", "--n-images", "1"],
+     "user info must be user:password"),
+    (["record", "--driver", "ws://ho st:8080", "--path", "/tmp", "--n-images", "1"], "space or control character"),
+    (["record", "--driver", "ws://host\\:8080", "--path", "/tmp", "--n-images", "1"], "is no host name or IP address"),
+    (["record", "--driver", "ws://[v1.x]:8080", "--path", "/tmp", "--n-images", "1"], "is no host name or IP address"),
+    (["record", "--driver", " ws://daq-host:8080", "--path", "/tmp", "--n-images", "1"], "space or control character"),
 ])
 def test_cli_bad_arguments_exit_2_in_one_line(args, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "stddaq.cli", *args], capture_output=True, text=True, timeout=60)

@@ -170,7 +170,7 @@ def test_up_refuses_buffers_that_do_not_fit_in_dev_shm_before_starting_anything(
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "[std_sim]" not in out.stdout, out.stdout + out.stderr
     assert (f"no room in /dev/shm for the RAM buffer /dev/shm/{config.channel('image')} ({config.n_slots} slots "
-            f"of {config.image_n_bytes} bytes each): ") in out.stderr and "lower ram_buffer_gb" in out.stderr
+            f"of {config.image_n_bytes} bytes each): ") in out.stderr and "lower ram_buffer_slots" in out.stderr
     assert not Path(f"/dev/shm/{config.channel('image')}").exists()
     # alone, the simulator says so too, instead of a MemoryError of its pattern
     sim = subprocess.run([sys.executable, "-m", "stddaq.services.simulator", str(path), "--n-images", "1"],
@@ -183,7 +183,8 @@ def test_up_refuses_buffers_that_do_not_fit_in_dev_shm_before_starting_anything(
                             ram_buffer_slots=int(free * 0.7) // (512 * 1024 * 2),
                             compression_stages={"blosc2": {"threads": 1}})
     with pytest.raises(ConfigError, match=rf"no room in /dev/shm for the 2 RAM buffers /dev/shm/"
-                                          rf"{{{config.channel('image')},{config.channel('blosc2')}}} "):
+                                          rf"{{{config.channel('image')},{config.channel('blosc2')}}} .*"
+                                          r"\(lower ram_buffer_slots, make the images smaller"):  # gb: not used
         check_buffers_fit(config)
     check_buffers_fit(make_config(compression_stages={"blosc2": {"threads": 1}})[0])  # a small one passes
 
@@ -217,6 +218,9 @@ def test_up_refuses_a_live_stream_host_that_is_not_of_this_machine_before_starti
     assert ("std_live_stream tcp://no-such-host.invalid:9123 cannot listen on no-such-host.invalid:9123: "
             "'no-such-host.invalid' is no interface, address or resolvable name of this machine") in out.stderr
     check_ports_free([("std_live_stream tcp://lo:9123", "lo", 9123)])  # an interface name: zmq binds it
+    for bad in ("a..b", "x" * 64 + ".org", "a\0b"):  # getaddrinfo raised UnicodeError / ValueError: a traceback
+        with pytest.raises(UsageError, match="cannot listen on .*(no host name or address|is no interface)"):
+            check_ports_free([(f"std_live_stream tcp://{bad}:9123", bad, 9123)])
 
 
 def test_up_refuses_a_second_deployment_of_a_running_detector(make_config) -> None:

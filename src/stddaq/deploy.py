@@ -103,10 +103,12 @@ def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
         try:
             family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                                  flags=socket.AI_PASSIVE)[0]
+        except (UnicodeError, ValueError) as exc:  # not even a name: "a..b", a label over 63, a NUL
+            raise UsageError(f"{service} cannot listen on {host!r}:{port}: no host name or address ({exc})") from None
         except socket.gaierror as exc:
             try:
                 socket.if_nametoindex(host)  # an interface name (zmq binds those): not checked here
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a NUL in it
                 raise UsageError(f"{service} cannot listen on {host}:{port}: {host!r} is no interface, address or "
                                  f"resolvable name of this machine ({exc.strerror}; use *, an interface name such "
                                  "as eth0, or one of this machine's addresses)") from None
@@ -334,7 +336,9 @@ def check_buffers_fit(config: DetectorConfig) -> None:
     what = (f"the RAM buffer /dev/shm/{channels[0]}" if len(channels) == 1 else
             f"the {len(channels)} RAM buffers /dev/shm/{{{','.join(channels)}}}")
     hint = None
-    if config.ram_buffer_slots is None and config.n_slots == MIN_SLOTS:  # ram_buffer_gb gives no fewer slots
+    if config.ram_buffer_slots is not None:  # ram_buffer_gb does not count then
+        hint = "lower ram_buffer_slots, make the images smaller, or free /dev/shm"
+    elif config.n_slots == MIN_SLOTS:  # ram_buffer_gb gives no fewer slots
         hint = (f"ram_buffer_gb gives at least {MIN_SLOTS} slots: set ram_buffer_slots lower, make the images "
                 "smaller, or free /dev/shm")
     check_shm_room(config.buffer_n_bytes * len(channels), f"{what} ({config.n_slots} slots of "

@@ -64,6 +64,19 @@ class RecordResult:
         return self.ok and (self.n_image is None or self.count >= self.n_image)
 
 
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")  # '_': not in DNS, but in hosts files
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)  # an IPv6 zone (fe80::1%eth0) too
+    except ValueError:
+        return False
+    return True
+
+
 def check_driver_url(url: str) -> str:
     """``url`` if it is a driver's websocket address (``ws://host:port``, or ``wss://``, with a
     path behind a proxy); ValueError saying what is wrong otherwise. A bare ``ws://host`` would go
@@ -72,6 +85,8 @@ def check_driver_url(url: str) -> str:
     from urllib.parse import urlsplit
 
     shape = "must look like ws://host:port (the driver's default port is 8080)"
+    if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit drops some; websockets would not
+        raise ValueError(f"{url!r} is not a websocket address: it has a space or control character")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -79,6 +94,12 @@ def check_driver_url(url: str) -> str:
         raise ValueError(f"{url!r} is not a websocket address: {exc} ({shape})") from None
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"{url!r} is not a websocket address: {shape}")
+    bracketed = "[" in parts.netloc  # an IPv6 address, nothing else
+    if not (_is_ip(parts.hostname) if bracketed else _HOST.fullmatch(parts.hostname) or _is_ip(parts.hostname)):
+        raise ValueError(f"{url!r}: host {parts.hostname!r} is no host name or IP address (letters, digits, '.', "
+                         "'-'; an IPv6 address in brackets)")
+    if parts.username is not None and parts.password is None:
+        raise ValueError(f"{url!r}: user info must be user:password (websockets refuses a user alone)")
     if port == 0:
         raise ValueError(f"{url!r}: port 0 is not allowed: must be 1..65535")
     if port is None and parts.scheme == "ws" and parts.path in ("", "/"):
@@ -168,6 +189,9 @@ class DriverClient:
         try:
             return await asyncio.wait_for(self._connected().recv(), timeout)
         except ConnectionClosed as exc:
+            if "keepalive" in str(exc):  # this client's own keepalive: its queue of statuses was full
+                raise DriverError(f"the connection to the driver at {self.url} ended: it was not read for a while "
+                                  f"(its statuses queued up, its keepalive timed out: {exc}); connect again") from None
             raise DriverError(f"the driver at {self.url} closed the connection ({exc})") from None
         except TimeoutError:
             return None
