@@ -141,6 +141,7 @@ def test_watch_rate_of_a_last_partial_interval(make_config) -> None:
     (["record", "--driver", "ws://host\\:8080", "--path", "/tmp", "--n-images", "1"], "is no host name or IP address"),
     (["record", "--driver", "ws://[v1.x]:8080", "--path", "/tmp", "--n-images", "1"], "is no host name or IP address"),
     (["record", "--driver", " ws://daq-host:8080", "--path", "/tmp", "--n-images", "1"], "space or control character"),
+    (["record", "--driver", "ws://daq-host:8080#x", "--path", "/tmp", "--n-images", "1"], "has no #fragment"),
 ])
 def test_cli_bad_arguments_exit_2_in_one_line(args, message) -> None:
     proc = subprocess.run([sys.executable, "-m", "stddaq.cli", *args], capture_output=True, text=True, timeout=60)
@@ -434,6 +435,19 @@ def test_a_busy_driver_gets_no_start(tmp_path) -> None:
     assert driver.received == []
 
 
+def test_a_start_the_driver_rejects_counts_no_images(tmp_path) -> None:
+    """Two clients found the driver idle and sent a start; the other's came first: the rejected
+    one's result carried the other run's count (21 images) though it recorded nothing."""
+    run = [{"status": "creating_file"}, {"status": "recording", "count": 21},
+           {"status": "rejected", "reason": "driver is busy!"}]
+    from stddaq.client.record import record
+
+    with ScriptedDriver(lambda ws, received: _play(ws, received, run)) as driver:
+        result = record(driver.url, str(tmp_path), n_image=5)
+    assert (result.status, result.count, result.ok) == ("rejected", 0, False)
+    assert result.reason == "driver is busy!"
+
+
 def test_a_client_kept_connected_takes_no_old_status_for_its_runs(tmp_path) -> None:
     """A DriverClient kept connected without reading while another client ran a recording took
     that run's statuses, queued in its connection, for its own: it returned the other run's
@@ -466,7 +480,7 @@ def test_a_client_kept_connected_takes_no_old_status_for_its_runs(tmp_path) -> N
 
 @pytest.mark.parametrize("url", ["ws://localhost:8080", "WS://daq-host:8080/", "wss://proxy/stddaq",
                                  "ws://proxy:80/stddaq/driver", "ws://user:pw@daq-host:8080", "ws://[::1]:8080",
-                                 "ws://[fe80::1%eth0]:8080"])
+                                 "ws://[fe80::1%eth0]:8080", "ws://daq-host.psi.ch.:8080", "ws://münchen.de:8080"])
 def test_every_form_of_driver_address_is_taken(url) -> None:
     """The check took only ws://host:port: a driver behind a proxy (a path, the default port of
     wss), an IPv6 zone, or the driver's own IPv6 address as it printed it were refused."""

@@ -109,7 +109,8 @@ def check_ports_free(ports: list[tuple[str, str, int]]) -> None:
             try:
                 socket.if_nametoindex(host)  # an interface name (zmq binds those): not checked here
             except (OSError, ValueError):  # ValueError: a NUL in it
-                raise UsageError(f"{service} cannot listen on {host}:{port}: {host!r} is no interface, address or "
+                shown = host if host.isprintable() else repr(host)  # a NUL must not reach the terminal
+                raise UsageError(f"{service} cannot listen on {shown}:{port}: {host!r} is no interface, address or "
                                  f"resolvable name of this machine ({exc.strerror}; use *, an interface name such "
                                  "as eth0, or one of this machine's addresses)") from None
             continue

@@ -64,7 +64,9 @@ class RecordResult:
         return self.ok and (self.n_image is None or self.count >= self.n_image)
 
 
-_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")  # '_': not in DNS, but in hosts files
+#: a host name: letters (an internationalised name too: websockets encodes it), digits, '_' (not in
+#: DNS, but in hosts files), '-', '.'; a trailing '.' (a fully qualified name) allowed
+_HOST = re.compile(r"\w(?:[\w.-]*\w)?\.?")
 
 
 def _is_ip(host: str) -> bool:
@@ -87,6 +89,8 @@ def check_driver_url(url: str) -> str:
     shape = "must look like ws://host:port (the driver's default port is 8080)"
     if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit drops some; websockets would not
         raise ValueError(f"{url!r} is not a websocket address: it has a space or control character")
+    if "#" in url:
+        raise ValueError(f"{url!r}: a websocket address has no #fragment")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -233,7 +237,10 @@ class DriverClient:
         answer stopped the other client's run. The driver shows a previous run's end (file_saved or
         error) for a moment before it is idle again; the start is sent only once that has passed,
         so every final status after the start is this run's (or the answer to the start itself).
-        Left: a start of another client that reaches the driver in the same instant as this one.
+        Left (the protocol does not say whose a status is): two clients that both found the driver
+        idle and sent a start within the time a start takes to reach it. The later one is
+        rejected (its result then counts 0 images, whatever the other run counted); a stop it
+        sends before that answer reaches it (a Ctrl-C) stops the other client's run.
         """
         first = await self.newest_status(timeout)  # not a backlog of old ones (another run's end)
         deadline = time.monotonic() + timeout
@@ -279,7 +286,8 @@ class DriverClient:
                     continue
                 if ended:
                     files = list_files(path, "file" if file_prefix is None else file_prefix, since=started_at) if status == "file_saved" else []
-                    return RecordResult(status, _last_count(statuses), message.get("reason"), files, statuses,
+                    count = 0 if status == "rejected" else _last_count(statuses)  # others' counts, if any
+                    return RecordResult(status, count, message.get("reason"), files, statuses,
                                         n_image, stop_sent)
         finally:  # a task left pending would end later in an exception nobody retrieves (logged at exit)
             await _cancel(stop_wait, receive)
