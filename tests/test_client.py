@@ -162,9 +162,10 @@ def test_plan_starts_one_live_stream_per_configured_address(make_config) -> None
 class ScriptedDriver:
     """A websocket server in a thread that plays ``script(websocket, received)`` to one client."""
 
-    def __init__(self, script) -> None:
+    def __init__(self, script, **serve_options) -> None:
         self.script = script
         self.received: list[dict] = []
+        self.serve_options = serve_options  # websockets' serve(): e.g. a short keepalive
 
     def __enter__(self) -> ScriptedDriver:
         import asyncio
@@ -182,7 +183,7 @@ class ScriptedDriver:
         from websockets.asyncio.server import serve
 
         self._done = asyncio.Event()
-        async with serve(lambda ws: self.script(ws, self.received), "127.0.0.1", 0) as server:
+        async with serve(lambda ws: self.script(ws, self.received), "127.0.0.1", 0, **self.serve_options) as server:
             self.url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
             self._ready.set()
             await self._done.wait()
@@ -433,6 +434,34 @@ def test_a_busy_driver_gets_no_start(tmp_path) -> None:
     assert "the driver is busy with another run (it is at recording)" in result.reason
     assert seen == result.statuses and len(seen) == 1
     assert driver.received == []
+
+
+def test_a_client_kept_connected_but_not_reading_stays_connected(tmp_path) -> None:
+    """A DriverClient kept between recordings (a scan script moving motors) was dead about 40 s
+    later: websockets stopped reading once 16 statuses waited, so the keepalive timed out. Here the
+    driver's keepalive is 0.2 s and it pushes 200 statuses while the client does not read."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient
+
+    async def script(ws, received) -> None:
+        for count in range(200):
+            await ws.send(json.dumps({"status": "recording", "count": count}))  # another client's run
+        await ws.send(json.dumps({"status": "file_saved"}))
+        await ws.send(json.dumps({"status": "idle"}))
+        received.append(json.loads(await ws.recv()))
+        for status in ({"status": "creating_file"}, {"status": "recording", "count": 2}, {"status": "file_saved"}):
+            await ws.send(json.dumps(status))
+        await asyncio.sleep(0.5)
+
+    async def run(url: str):
+        async with DriverClient(url) as client:
+            await asyncio.sleep(1.5)  # busy elsewhere: nothing read
+            return await client.record(str(tmp_path), n_image=2)
+
+    with ScriptedDriver(script, ping_interval=0.2, ping_timeout=0.2) as driver:
+        result = asyncio.run(run(driver.url))
+    assert (result.status, result.count) == ("file_saved", 2)
 
 
 def test_a_start_the_driver_rejects_counts_no_images(tmp_path) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import json
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ FINAL = frozenset({"file_saved", "error", "rejected"})
 ACTIVE = frozenset({"creating_file", "waiting_for_first_image", "recording", "stop", "saving_file"})
 
 
-#: Statuses ``newest_status`` skips at most to reach the newest.
-MAX_BACKLOG = 1024
+#: Statuses a DriverClient keeps unread (the oldest go first): at 10 Hz, about 7 minutes' worth.
+MAX_BACKLOG = 4096
 
 
 class DriverError(Exception):
@@ -112,12 +113,22 @@ def check_driver_url(url: str) -> str:
 
 
 class DriverClient:
-    """One websocket connection to a driver; ``statuses()`` yields every message it pushes."""
+    """One websocket connection to a driver; ``statuses()`` yields every message it pushes.
+
+    A task reads the connection all the time, into a queue of the last MAX_BACKLOG statuses: a
+    client kept connected between recordings (a scan script moving motors) stays connected.
+    Without it, websockets stopped reading once 16 statuses waited, its keepalive timed out and
+    the connection was gone about 40 s later; with it, the oldest statuses go first.
+    """
 
     def __init__(self, url: str, *, open_timeout: float = 10.0) -> None:
         self.url = check_driver_url(url)
         self.open_timeout = open_timeout
         self._connection = None
+        self._reader: asyncio.Task | None = None
+        self._frames: deque[str | bytes] = deque(maxlen=MAX_BACKLOG)
+        self._arrived: asyncio.Event | None = None
+        self._ended: Exception | None = None  # how the connection ended (the reader saw it)
 
     async def __aenter__(self) -> DriverClient:
         from websockets.asyncio.client import connect
@@ -128,12 +139,31 @@ class DriverClient:
             raise DriverError(f"cannot connect to the driver at {self.url}: {exc}") from None
         except Exception as exc:  # websockets' handshake errors
             raise DriverError(f"cannot connect to the driver at {self.url}: {type(exc).__name__}: {exc}") from None
+        self._frames.clear()
+        self._arrived, self._ended = asyncio.Event(), None
+        self._reader = asyncio.ensure_future(self._read(self._connection))
         return self
+
+    async def _read(self, connection) -> None:
+        """Every frame into ``_frames`` until the connection ends (then ``_ended`` says how)."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while True:
+                self._frames.append(await connection.recv())
+                self._arrived.set()
+        except ConnectionClosed as exc:
+            self._ended = exc
+            self._arrived.set()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
@@ -176,29 +206,30 @@ class DriverClient:
 
     async def newest_status(self, timeout: float | None = None) -> dict[str, Any]:
         """The newest message the driver pushed: the next one, or the last of those already
-        waiting. A client kept connected without reading them has a backlog of old statuses (up
-        to websockets' queue, e.g. another client's whole run)."""
+        waiting (and of those that come within 10 ms: on their way). A client kept connected
+        without reading them has a backlog of old statuses (e.g. another client's whole run)."""
         message = await self.next_status(timeout)
-        for _ in range(MAX_BACKLOG):  # bounded: a driver pushing faster than the 10 ms would keep it here
-            frame = await self._receive(0.01)  # only what is there already
-            if frame is None:
-                break
+        end = time.monotonic() + 0.5  # a driver pushing more often than every 10 ms keeps it no longer
+        while time.monotonic() < end and (frame := await self._receive(0.01)) is not None:
             message = self._status(frame)
         return message
 
     async def _receive(self, timeout: float | None) -> str | bytes | None:
-        """One frame, None after ``timeout`` s (websockets' recv may be cancelled: nothing is lost)."""
-        from websockets.exceptions import ConnectionClosed
-
-        try:
-            return await asyncio.wait_for(self._connected().recv(), timeout)
-        except ConnectionClosed as exc:
-            if "keepalive" in str(exc):  # this client's own keepalive: its queue of statuses was full
-                raise DriverError(f"the connection to the driver at {self.url} ended: it was not read for a while "
-                                  f"(its statuses queued up, its keepalive timed out: {exc}); connect again") from None
-            raise DriverError(f"the driver at {self.url} closed the connection ({exc})") from None
-        except TimeoutError:
-            return None
+        """The next frame, None after ``timeout`` s; DriverError once the connection has ended."""
+        self._connected()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._frames:
+            if self._ended is not None:
+                raise DriverError(f"the driver at {self.url} closed the connection ({self._ended})")
+            self._arrived.clear()  # no await since the check: no frame can come in between
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return None
+        return self._frames.popleft()
 
     def _status(self, frame: str | bytes) -> dict[str, Any]:
         """The status message in ``frame``; DriverError if it is not one."""
