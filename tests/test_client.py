@@ -464,6 +464,39 @@ def test_a_client_kept_connected_but_not_reading_stays_connected(tmp_path) -> No
     assert (result.status, result.count) == ("file_saved", 2)
 
 
+def test_a_client_closed_or_read_twice_says_so_at_once() -> None:
+    """close() from another task left a task waiting for a status waiting for ever; a second task
+    waiting for statuses took them from the first at random, which then said "no status for 5 s";
+    a second `async with` on a connected client left the first connection open."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient, DriverError
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "idle"}))
+        await asyncio.sleep(3)
+
+    async def run(url: str) -> float:
+        """Seconds the waiting task took to hear of the close."""
+        client = DriverClient(url)
+        async with client:
+            await client.next_status(5)  # the first status: nothing waits now
+            waiting = asyncio.ensure_future(client.next_status(None))
+            await asyncio.sleep(0.1)
+            with pytest.raises(DriverError, match="another task already waits for the statuses"):
+                await client.next_status(1)
+            with pytest.raises(DriverError, match="already connected"):
+                await client.__aenter__()
+            started = time.monotonic()
+            await client.close()
+            with pytest.raises(DriverError, match="this client closed the connection"):
+                await asyncio.wait_for(waiting, 2)
+            return time.monotonic() - started
+
+    with ScriptedDriver(script) as driver:
+        assert asyncio.run(run(driver.url)) < 1.5
+
+
 def test_a_start_the_driver_rejects_counts_no_images(tmp_path) -> None:
     """Two clients found the driver idle and sent a start; the other's came first: the rejected
     one's result carried the other run's count (21 images) though it recorded nothing."""

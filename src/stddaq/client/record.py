@@ -118,7 +118,8 @@ class DriverClient:
     A task reads the connection all the time, into a queue of the last MAX_BACKLOG statuses: a
     client kept connected between recordings (a scan script moving motors) stays connected.
     Without it, websockets stopped reading once 16 statuses waited, its keepalive timed out and
-    the connection was gone about 40 s later; with it, the oldest statuses go first.
+    the connection was gone about 40 s later. When more than MAX_BACKLOG wait unread, the oldest
+    go. One task at a time may wait for statuses (a second one is refused).
     """
 
     def __init__(self, url: str, *, open_timeout: float = 10.0) -> None:
@@ -128,11 +129,15 @@ class DriverClient:
         self._reader: asyncio.Task | None = None
         self._frames: deque[str | bytes] = deque(maxlen=MAX_BACKLOG)
         self._arrived: asyncio.Event | None = None
-        self._ended: Exception | None = None  # how the connection ended (the reader saw it)
+        self._ended: str | None = None  # how the connection ended (the reader saw it)
+        self._reading = False  # a task waits in _receive
 
     async def __aenter__(self) -> DriverClient:
         from websockets.asyncio.client import connect
 
+        if self._connection is not None:
+            raise DriverError(f"this client is already connected to the driver at {self.url}: one `async with` "
+                              "at a time (or another DriverClient)")
         try:
             self._connection = await connect(self.url, open_timeout=self.open_timeout, close_timeout=1)
         except (OSError, TimeoutError) as exc:
@@ -145,15 +150,25 @@ class DriverClient:
         return self
 
     async def _read(self, connection) -> None:
-        """Every frame into ``_frames`` until the connection ends (then ``_ended`` says how)."""
+        """Every frame into ``_frames`` until the connection ends; then ``_ended`` says how, and
+        whoever waits in ``_receive`` is woken, however this task ends (close() cancels it)."""
         from websockets.exceptions import ConnectionClosed
 
+        frames, half = self._frames, MAX_BACKLOG // 2
+        ended = "this client closed the connection"
         try:
             while True:
-                self._frames.append(await connection.recv())
+                frames.append(await connection.recv())
                 self._arrived.set()
+                if len(frames) >= half:  # websockets hands buffered frames on without a pause:
+                    await asyncio.sleep(0)  # let a reader take them before the oldest go
         except ConnectionClosed as exc:
-            self._ended = exc
+            ended = (f"the driver at {self.url} stopped answering ({exc})" if "keepalive ping timeout" in str(exc)
+                     else f"the driver at {self.url} closed the connection ({exc})")
+        except Exception as exc:  # noqa: BLE001 - said to the reader, not lost in a task nobody awaits
+            ended = f"reading from the driver at {self.url} failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._ended = ended
             self._arrived.set()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -220,15 +235,21 @@ class DriverClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._frames:
             if self._ended is not None:
-                raise DriverError(f"the driver at {self.url} closed the connection ({self._ended})")
+                raise DriverError(self._ended)
+            if self._reading:  # the statuses would be shared out between the two at random
+                raise DriverError(f"another task already waits for the statuses of the driver at {self.url}: "
+                                  "one reader per DriverClient (give the other task its own client)")
             self._arrived.clear()  # no await since the check: no frame can come in between
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
+            self._reading = True
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             except TimeoutError:
                 return None
+            finally:
+                self._reading = False
         return self._frames.popleft()
 
     def _status(self, frame: str | bytes) -> dict[str, Any]:
