@@ -497,6 +497,55 @@ def test_a_client_closed_or_read_twice_says_so_at_once() -> None:
         assert asyncio.run(run(driver.url)) < 1.5
 
 
+def test_a_cancel_that_comes_with_a_status_is_not_lost_and_two_entries_at_once_are_refused() -> None:
+    """Python 3.11's wait_for dropped a cancel that came in the loop step in which a status arrived:
+    a monitor task cancelled so read statuses for ever. Two tasks entering one client together both
+    got in, and the first connection was never closed."""
+    import asyncio
+
+    from stddaq.client.record import DriverClient, DriverError
+
+    async def script(ws, received) -> None:
+        await ws.send(json.dumps({"status": "idle"}))
+        await asyncio.sleep(3)
+
+    async def cancels(url: str) -> list[str]:
+        outcomes = []
+        async with DriverClient(url) as client:
+            await client.next_status(5)
+            for _ in range(5):
+                waiting = asyncio.ensure_future(client.next_status(5))
+                await asyncio.sleep(0.02)
+                client._frames.append('{"status": "idle"}')  # what the reader task does with a status,
+                client._arrived.set()
+                waiting.cancel()  # and the cancel in the same step
+                try:
+                    await waiting
+                    outcomes.append("returned")
+                except asyncio.CancelledError:
+                    outcomes.append("cancelled")
+                client._frames.clear()
+        return outcomes
+
+    async def enter_twice(url: str) -> list[str]:
+        client = DriverClient(url)
+
+        async def enter() -> str:
+            try:
+                async with client:
+                    await asyncio.sleep(0.2)
+                    return "in"
+            except DriverError as exc:
+                return str(exc)
+
+        return await asyncio.gather(enter(), enter())
+
+    with ScriptedDriver(script) as driver:
+        assert asyncio.run(cancels(driver.url)) == ["cancelled"] * 5
+        inside, refused = asyncio.run(enter_twice(driver.url))
+    assert inside == "in" and "this client is already connected" in refused
+
+
 def test_a_start_the_driver_rejects_counts_no_images(tmp_path) -> None:
     """Two clients found the driver idle and sent a start; the other's came first: the rejected
     one's result carried the other run's count (21 images) though it recorded nothing."""

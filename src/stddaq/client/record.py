@@ -119,7 +119,8 @@ class DriverClient:
     client kept connected between recordings (a scan script moving motors) stays connected.
     Without it, websockets stopped reading once 16 statuses waited, its keepalive timed out and
     the connection was gone about 40 s later. When more than MAX_BACKLOG wait unread, the oldest
-    go. One task at a time may wait for statuses (a second one is refused).
+    go. One task at a time may read the statuses: a second one that waits while the first does is
+    refused (one that comes while a status is queued takes it: give each task its own client).
     """
 
     def __init__(self, url: str, *, open_timeout: float = 10.0) -> None:
@@ -131,18 +132,24 @@ class DriverClient:
         self._arrived: asyncio.Event | None = None
         self._ended: str | None = None  # how the connection ended (the reader saw it)
         self._reading = False  # a task waits in _receive
+        self._entered = False  # between __aenter__ and close()
 
     async def __aenter__(self) -> DriverClient:
         from websockets.asyncio.client import connect
 
-        if self._connection is not None:
+        if self._entered:  # connected, or connecting in another task
             raise DriverError(f"this client is already connected to the driver at {self.url}: one `async with` "
                               "at a time (or another DriverClient)")
+        self._entered = True
         try:
             self._connection = await connect(self.url, open_timeout=self.open_timeout, close_timeout=1)
         except (OSError, TimeoutError) as exc:
+            self._entered = False
             raise DriverError(f"cannot connect to the driver at {self.url}: {exc}") from None
-        except Exception as exc:  # websockets' handshake errors
+        except BaseException as exc:  # websockets' handshake errors; a cancel
+            self._entered = False
+            if not isinstance(exc, Exception):
+                raise
             raise DriverError(f"cannot connect to the driver at {self.url}: {type(exc).__name__}: {exc}") from None
         self._frames.clear()
         self._arrived, self._ended = asyncio.Event(), None
@@ -182,6 +189,7 @@ class DriverClient:
         if self._connection is not None:
             await self._connection.close()
             self._connection = None
+        self._entered = False
 
     def _connected(self):
         """The websocket; DriverError if there is none (a client used before ``async with`` or after close)."""
@@ -244,8 +252,9 @@ class DriverClient:
             if remaining is not None and remaining <= 0:
                 return None
             self._reading = True
-            try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+            try:  # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that comes
+                async with asyncio.timeout(remaining):  # in the same step as the event
+                    await self._arrived.wait()
             except TimeoutError:
                 return None
             finally:
