@@ -289,10 +289,15 @@ class Supervisor:
             log.info("removed %s, left by a killed or crashed service", path)
 
 
+def deployment_channels(config: DetectorConfig) -> list[str]:
+    """The bus channels (suffixes) the services ``plan`` starts write: the image and each stage's."""
+    return ["image", *(STAGE_SUFFIXES[codec] for codec in config.compression_stages)]
+
+
 def deployment_paths(config: DetectorConfig) -> list[Path]:
     """The ipc socket files and shm objects the services ``plan`` starts make (named exactly:
     another detector's names may begin with this one's)."""
-    channels = ["image", *(STAGE_SUFFIXES[codec] for codec in config.compression_stages)]
+    channels = deployment_channels(config)
     links = [f"{kind}-{key}" for key in [*range(config.number_of_writers), "meta"] for kind in ("driver", "writer")]
     paths = [Path(config.ipc_address(name).removeprefix("ipc://")) for name in channels + links]
     for name in channels:
@@ -333,7 +338,7 @@ def check_buffers_fit(config: DetectorConfig) -> None:
     simulator and the monitor, by MemoryError) failed one by one after the others started. A
     buffer of this detector left by a crashed deployment is replaced: the pages it holds count as
     free (not its size: a ring never fully written holds fewer)."""
-    channels = [config.channel(name) for name in ["image", *(STAGE_SUFFIXES[c] for c in config.compression_stages)]]
+    channels = [config.channel(name) for name in deployment_channels(config)]
     what = (f"the RAM buffer /dev/shm/{channels[0]}" if len(channels) == 1 else
             f"the {len(channels)} RAM buffers /dev/shm/{{{','.join(channels)}}}")
     hint = None
@@ -343,8 +348,7 @@ def check_buffers_fit(config: DetectorConfig) -> None:
         hint = (f"ram_buffer_gb gives at least {MIN_SLOTS} slots: set ram_buffer_slots lower, make the images "
                 "smaller, or free /dev/shm")
     check_shm_room(config.buffer_n_bytes * len(channels), f"{what} ({config.n_slots} slots of "
-                   f"{config.image_n_bytes} bytes each)", sum(shm_allocated(channel) for channel in channels),
-                   **({"hint": hint} if hint else {}))
+                   f"{config.image_n_bytes} bytes each)", sum(shm_allocated(channel) for channel in channels), hint)
 
 
 def check_not_running(config: DetectorConfig) -> None:

@@ -32,7 +32,6 @@ word of the layout record says the run words are there (an older writer's buffer
 from __future__ import annotations
 
 import _posixshmem
-import contextlib
 import fcntl
 import logging
 import mmap
@@ -172,18 +171,18 @@ def shm_allocated(name: str) -> int:
         return 0
 
 
-def check_shm_room(n_bytes: int, what: str, reclaimed: int = 0,
-                   hint: str = "lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm") -> None:
+def check_shm_room(n_bytes: int, what: str, reclaimed: int = 0, hint: str | None = None) -> None:
     """ConfigError if /dev/shm cannot hold ``n_bytes`` of RAM buffers (``what``) now. A buffer's
     pages are taken only as slots are first written, so a buffer larger than the room left would
     be made, and its writer killed by SIGBUS (no message; restarted, again and again) once
     /dev/shm is full, taking every other buffer there down with it. ``reclaimed``: the size of
     the buffers these replace (a crashed writer's), counted free: their readers let them go once
-    they follow: the pages they hold (``shm_allocated``), not their size."""
+    they follow: the pages they hold (``shm_allocated``), not their size. ``hint``: what to do
+    (default: the config keys that size a ring)."""
     st = os.statvfs("/dev/shm")
     free = st.f_bavail * st.f_frsize + reclaimed
     if n_bytes > free:
-        raise ConfigError(f"no room in /dev/shm for {what}: {_size(n_bytes)} needed, {_size(free)} free ({hint})")
+        raise ConfigError(f"no room in /dev/shm for {what}: {_size(n_bytes)} needed, {_size(free)} free ({hint or 'lower ram_buffer_gb or ram_buffer_slots, or free /dev/shm'})")
 
 
 def _size(n_bytes: int) -> str:
@@ -244,8 +243,7 @@ class RamBuffer:
                     f"(or a non-stddaq program left it behind: remove it with rm /dev/shm/{layout.name})"
                 ) from None
             log.warning("/dev/shm/%s was left behind by a writer that is gone; replacing it", layout.name)
-            with contextlib.suppress(OSError):  # its pages stay taken while readers still map it
-                reclaimed = shm_allocated(layout.name)
+            reclaimed = shm_allocated(layout.name)  # its pages stay taken while readers still map it
             for name in (layout.name, layout.name + GUARD_SUFFIX):
                 _unlink(name)
             fd = _claim(layout.name)

@@ -144,13 +144,11 @@ class DriverClient:
         try:
             self._connection = await connect(self.url, open_timeout=self.open_timeout, close_timeout=1)
         except (OSError, TimeoutError) as exc:
-            self._entered = False
             raise DriverError(f"cannot connect to the driver at {self.url}: {exc}") from None
-        except BaseException as exc:  # websockets' handshake errors; a cancel
-            self._entered = False
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:  # websockets' handshake errors
             raise DriverError(f"cannot connect to the driver at {self.url}: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._entered = self._connection is not None  # not connected (an error, a cancel): enter again
         self._frames.clear()
         self._arrived, self._ended = asyncio.Event(), None
         self._reader = asyncio.ensure_future(self._read(self._connection))
@@ -182,10 +180,8 @@ class DriverClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        await _cancel(self._reader)
+        self._reader = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

@@ -424,10 +424,7 @@ class Compressor(Service):
 
 # ---------------------------------------------------------------------- command line
 def _level(text: str) -> int:
-    try:
-        value = ascii_int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _integer(text)
     if value == 0:
         raise argparse.ArgumentTypeError("0 is not allowed: level 0 stores images uncompressed with a 32-byte "
                                          f"header, which never fits the slot (allowed: {MIN_LEVEL}..{BLOSC2_MAX_LEVEL})")
