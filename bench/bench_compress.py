@@ -373,7 +373,7 @@ def bench(codec: str, height: int, width: int, n_slots: int) -> None:
     frames = Noise((height, width), np.uint16).frames
     images = [frames[i % len(frames)].copy() for i in range(n_slots)]  # what the ring holds
     rule = UPSTREAM_MB_PER_CORE[codec]
-    rates, raw_rates, bases = {}, {}, {}
+    rates, raw_rates, bases, chain_us = {}, {}, {}, {}
     for threads in THREADS:
         base = bases[threads] = max(library_rate(codec, images, threads) for _ in range(REPEATS))
         both = sustained_trials({"raw": raw_trial, "stage": stage_trial}, codec, height, width, n_slots, threads, base)
@@ -397,6 +397,8 @@ def bench(codec: str, height: int, width: int, n_slots: int) -> None:
               f"measured {rate * mb / threads:,.0f} MB/s per thread = {rate * mb / (threads * rule):.1f}x the rule; "
               f"compression ratio {ratio:.2f}", flush=True)
         shown = best or trials[0]
+        if best:
+            chain_us[threads] = best.cpu_us + best.side_cpu_us
         print(f"  sharing the cores: per image the stage uses {shown.cpu_us:.0f} us CPU (library alone: "
               f"{threads * 1e6 / base:.0f}, library fed by the source: {(raw_best or raw_trials[0]).cpu_us:.0f}), "
               f"simulator + reader {shown.side_cpu_us:.0f} us; together "
@@ -409,6 +411,11 @@ def bench(codec: str, height: int, width: int, n_slots: int) -> None:
     print(f"  context: with 2 threads the library alone scales {bases[2] / bases[1]:.2f}x, the library fed by the "
           f"same source {raw_rates[2] / raw_rates[1] if raw_rates[1] else float('nan'):.2f}x; on {os.cpu_count()} "
           "cores the -t 2 stage shares them with the simulator and the reader", flush=True)
+    if rates[1] and chain_us.get(1):
+        cap = os.cpu_count() * 1e6 / chain_us[1]  # images/s the cores give at that CPU per image
+        print(f"  the cores' cap: at -t 1 the whole chain (stage, simulator, reader) used {chain_us[1]:.0f} us CPU per "
+              f"image, so {os.cpu_count()} cores carry at most about {cap:,.0f} images/s of it: "
+              f"{cap / rates[1]:.2f}x the -t 1 rate, whatever the stage's threads", flush=True)
 
 
 def main(argv: list[str]) -> None:
