@@ -4,7 +4,9 @@ Figures (issue 4): for each stage, 2016x2016 and 480x128 uint16 noise images, -t
 images/s and MB/s (raw image bytes) end to end, against calling the same library directly on the
 same images in the same run with the same number of threads (goal >= 0.9x: the service adds at
 most 10%), and the -t 2 / -t 1 scaling (goal: about 2x on 2 cores). Upstream's sizing rule is
-printed beside each figure.
+printed beside each figure, and beside the scaling the cap the cores put on it: the cores divided
+by the CPU the whole chain (stage, simulator, reader) used per image at -t 1. On 2 cores that also
+run the simulator and the reader, no number of stage threads goes past it.
 
 Two library figures are measured in every run:
 
