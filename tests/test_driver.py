@@ -732,6 +732,40 @@ def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> N
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+def test_a_start_is_checked_against_its_files_not_its_images_alone(deployment, service, tmp_path) -> None:
+    """A start of as many images as the free space holds was accepted, and the recording ended in
+    disk full before its last images (the files' chunks, rows, headers and the writers' reserve
+    come on top). Now it is refused, naming how many images fit; a start of that many records
+    them all."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        d = deployment(2, meta=True, ram_buffer_slots=1000, image_pixel_height=128, image_pixel_width=128,
+                       gpfs_block_size=3 * 32768)
+        config, session = d.config, d.session
+        vfs = os.statvfs(mount)
+        by_images = vfs.f_bavail * vfs.f_frsize // config.image_n_bytes
+        session.send({"command": "start", "path": str(mount), "n_image": by_images})
+        reply = session.status("error", "creating_file")
+        assert reply["status"] == "error" and "not enough space" in reply["reason"], reply
+        fit = int(re.search(r"room for (\d+) images", reply["reason"])[1])
+        assert 0 < fit < by_images, (fit, by_images)
+        session.send({"command": "start", "path": str(mount), "n_image": fit + 1})
+        reply = session.status("error", "creating_file")
+        assert reply["status"] == "error" and f"room for {fit} images" in reply["reason"], reply
+        service(SIM, d.path, "--rate", 500)
+        start_when_writers_ready(session, {"command": "start", "path": str(mount), "n_image": fit})
+        reply = session.status("file_saved", "error", timeout=30)
+        assert reply["status"] == "file_saved", reply
+        with h5py.File(mount / "file_master.h5", "r") as f:
+            assert f[f"{config.detector_name}/data"].shape[0] == fit
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 # ---------------------------------------------------------------------- stddaq record
 def _record(url: str, run_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stddaq.cli", "record", "--driver", url, "--path", str(run_dir),

@@ -99,7 +99,8 @@ def _start(path: Path, **kw) -> StartCommand:
 
 
 def test_preflight_accepts_a_writable_directory_and_says_how_much_fits(tmp_path: Path) -> None:
-    check = preflight(_start(tmp_path), image_n_bytes=1000, files=[tmp_path / "file0.h5"], switch_user=False)
+    check = preflight(_start(tmp_path), recording_bytes=lambda n: n * 1000, files=[tmp_path / "file0.h5"],
+                      switch_user=False)
     assert check.free_bytes > 0 and check.images_that_fit == check.free_bytes // 1000
 
 
@@ -127,13 +128,16 @@ def test_preflight_refuses(tmp_path: Path, case: str, words: str) -> None:
     elif case == "no room":
         kw = {"n_image": 10, "n_image_given": True}
     image_n_bytes = 1 << 60 if case == "no room" else 100
+
+    def recording_bytes(n: int) -> int:
+        return n * image_n_bytes
     file = target / ("x" * 300 + ".h5" if case == "name too long" else "file0.h5")  # a file_prefix too long
     with pytest.raises(PreflightError, match=words):
-        preflight(_start(target, **kw), image_n_bytes=image_n_bytes, files=[file], switch_user=False)
+        preflight(_start(target, **kw), recording_bytes=recording_bytes, files=[file], switch_user=False)
 
 
 def test_default_n_image_is_not_refused_for_space(tmp_path: Path) -> None:
-    check = preflight(_start(tmp_path), image_n_bytes=1 << 40, files=[], switch_user=False)
+    check = preflight(_start(tmp_path), recording_bytes=lambda n: n << 40, files=[], switch_user=False)
     assert check.images_that_fit < DEFAULT_N_IMAGE
 
 
@@ -141,8 +145,8 @@ def test_preflight_checks_the_writer_uid_when_switching_user(tmp_path: Path) -> 
     os.chmod(tmp_path, 0o755)
     nobody = 65534
     with pytest.raises(PreflightError, match="not writable by user id 65534"):
-        preflight(_start(tmp_path, writer_id=nobody), image_n_bytes=10, files=[], switch_user=True)
-    assert preflight(_start(tmp_path, writer_id=0), image_n_bytes=10, files=[], switch_user=True)
+        preflight(_start(tmp_path, writer_id=nobody), recording_bytes=lambda n: n * 10, files=[], switch_user=True)
+    assert preflight(_start(tmp_path, writer_id=0), recording_bytes=lambda n: n * 10, files=[], switch_user=True)
     os.chmod(tmp_path, 0o777)
     assert writable_by(tmp_path, nobody)
     os.chmod(tmp_path, 0o775)
@@ -180,3 +184,15 @@ def test_plan_starts_writers_metadata_writer_and_driver(make_config) -> None:
     assert names.index("std_det_driver") > max(names.index(n) for n in names if n.startswith("std_det_writer"))
     config, path = make_config(number_of_writers=0)
     assert not [name for name in (spec.name for spec in plan(config, path)) if name.startswith("std_det")]
+
+
+def test_images_that_fit_is_the_most_whose_recording_fits() -> None:
+    from stddaq.services.driver_control import images_that_fit
+
+    def recording_bytes(n: int) -> int:  # fixed files, whole chunks of 4 images, rows
+        return 0 if n == 0 else 1000 + -(-n // 4) * 4 * 7 + n * 3
+
+    for free in [*range(0, 1200), 10**6, 10**9]:
+        fit = images_that_fit(recording_bytes, free)
+        assert recording_bytes(fit) <= free < recording_bytes(fit + 1), (free, fit)
+    assert images_that_fit(lambda n: n, 1 << 70) == 1 << 62  # a bound that never fills: the search ends

@@ -25,10 +25,13 @@ from stddaq.storage import ImageFile, MetadataFile, write_master
 from stddaq.storage.hdf5 import (
     BITSHUFFLE_LZ4,
     BLOSC2,
+    FILE_OVERHEAD,
     METADATA_CHUNK_ROWS,
+    METADATA_RESERVE,
     _strided_runs,
     chunk_alignment,
     chunk_images,
+    recording_bytes,
 )
 
 SHAPE = (48, 32)
@@ -634,3 +637,48 @@ def test_a_file_name_longer_than_the_system_allows_is_a_storage_error(tmp_path: 
         ImageFile.create(tmp_path / ("x" * 300 + ".h5"), "det", (8, 8), "uint16")
     with pytest.raises(StorageError, match="File name too long"):
         ImageFile.create(tmp_path / ("d" * 300) / "f.h5", "det", (8, 8), "uint16")
+
+
+@pytest.mark.parametrize("shape,n_images,n_writers,block,compression,detector_type", [
+    ((8, 8), 3000, 2, 16 * 1024 * 1024, None, "gigafrost"),  # 128-byte images: the last chunk is most of 16 MiB
+    ((128, 480), 301, 1, 16 * 1024 * 1024, None, None),  # 136 images a chunk, 64 KiB alignment
+    ((8, 8), 2500, 3, 4096, None, "pco"),  # the rows weigh more than the pixels
+    ((1000, 1000), 9, 2, 16 * 1024 * 1024, None, "eiger"),  # 2 MB images: 8 a chunk, 16,000,000 bytes
+    ((48, 64), 200, 2, 16 * 1024 * 1024, BLOSC2, "gigafrost"),  # noise: compressed images as big as raw ones
+])
+def test_recording_bytes_bounds_what_a_recording_takes(tmp_path, shape, n_images, n_writers, block, compression,
+                                                       detector_type) -> None:
+    """The driver refuses a start whose recording would not fit (SPEC 8). Counting the images'
+    bytes alone let a recording through that then ended in disk full: ``recording_bytes`` must
+    hold every file of the recording (whole last chunks, alignment, rows, headers) plus the reserve
+    each writer keeps free while it writes, and stay close to it (a start is not refused for
+    room it does not need)."""
+    image = np.zeros(shape, DT)
+    noise = Noise(shape, DT)
+    files = []
+    for index in range(n_writers):
+        path = tmp_path / f"run_{index}.h5"
+        files.append(path)
+        with ImageFile.create(path, "det", shape, DT, compression=compression or 0, gpfs_block_size=block) as f:
+            for image_id in range(index, n_images, n_writers):  # the k-th image to writer k % N
+                if compression:
+                    f.append(image_id, 1, blosc2_encode(noise.fill(image_id, image)))
+                else:
+                    image.flat[0] = image_id
+                    f.append(image_id, 1, image)
+    meta = None
+    if detector_type:
+        meta = "run_Meta.h5"
+        files.append(tmp_path / meta)
+        with MetadataFile.create(tmp_path / meta, "det", detector_type) as m:
+            for image_id in range(n_images):
+                m.append(ImageMetadata(image_id=image_id, status=1, height=shape[0], width=shape[1],
+                                       size=image.nbytes, dtype=2))
+    files.append(write_master(tmp_path, "run_", "det", n_writers, meta_file=meta))
+    taken = sum(max(path.stat().st_size, path.stat().st_blocks * 512) for path in files)
+    reserves = (n_writers + (detector_type is not None)) * METADATA_RESERVE
+    bound = recording_bytes(n_images, image.nbytes, n_writers=n_writers, gpfs_block_size=block,
+                            compressed=compression is not None, detector_type=detector_type)
+    assert taken + reserves <= bound, (taken, reserves, bound)
+    # not far above: what the bound adds per file, and a little per image
+    assert bound <= taken + reserves + len(files) * (FILE_OVERHEAD + 1024 * 1024) + n_images * 160, (taken, bound)

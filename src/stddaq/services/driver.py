@@ -39,7 +39,7 @@ from zmq.utils.monitor import recv_monitor_message
 from stddaq.bus.ram_buffer import BufferLayout, RamBuffer
 from stddaq.bus.sockets import bind, unlink_ipc
 from stddaq.bus.subscriber import ImageSubscriber
-from stddaq.config import DetectorConfig
+from stddaq.config import STAGE_SUFFIXES, DetectorConfig
 from stddaq.errors import BufferMissingError, BusError, UsageError
 from stddaq.protocol import ResponseCode, WriterAction, WriterResponse
 from stddaq.services.base import (
@@ -721,8 +721,19 @@ class WriterDriver(Service):
         files = [command.raw_file(i) for i in range(len(self.links))] + [command.master_file]
         if self.with_meta:
             files.append(command.meta_file)
-        return preflight(command, image_n_bytes=self.config.image_n_bytes, files=files,
+        return preflight(command, recording_bytes=self._recording_bytes, files=files,
                          switch_user=self.config.switch_user_active)
+
+    def _recording_bytes(self, n_images: int) -> int:
+        """At most the bytes a recording of ``n_images`` takes on disk (storage.hdf5.recording_bytes;
+        imported late: h5py is heavy)."""
+        from stddaq.storage.hdf5 import recording_bytes
+
+        config = self.config
+        return recording_bytes(n_images, config.image_n_bytes, n_writers=len(self.links),
+                               gpfs_block_size=config.gpfs_block_size,
+                               compressed=self.suffix in STAGE_SUFFIXES.values(),
+                               detector_type=config.detector_type if self.with_meta else None)
 
 
     def _check_source(self) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -187,21 +188,25 @@ class Preflight:
     images_that_fit: int
 
 
-def preflight(start: StartCommand, *, image_n_bytes: int, files: list[Path], switch_user: bool) -> Preflight:
+def preflight(start: StartCommand, *, recording_bytes: Callable[[int], int], files: list[Path],
+              switch_user: bool) -> Preflight:
     """Check ``start`` before any file exists: directory, writable (as the uid), no overwrite, room.
 
     ``files`` are the files this recording would create; an existing one is refused, never
-    overwritten. With the default n_image (record until stop) the space check does not refuse:
-    the caller reports how many images fit instead. A path the system cannot even look at (a
-    name longer than it allows) is refused too, as every other PreflightError.
+    overwritten. ``recording_bytes(n)``: at most the bytes a recording of n images takes
+    (``storage.hdf5.recording_bytes``: files, chunks, reserves). With the default n_image
+    (record until stop) the space check does not refuse: the caller reports how many images fit
+    instead. A path the system cannot even look at (a name longer than it allows) is refused too,
+    as every other PreflightError.
     """
     try:
-        return _preflight(start, image_n_bytes=image_n_bytes, files=files, switch_user=switch_user)
+        return _preflight(start, recording_bytes=recording_bytes, files=files, switch_user=switch_user)
     except OSError as exc:
         raise PreflightError(f"cannot use {exc.filename or start.path}: {exc.strerror or exc}") from None
 
 
-def _preflight(start: StartCommand, *, image_n_bytes: int, files: list[Path], switch_user: bool) -> Preflight:
+def _preflight(start: StartCommand, *, recording_bytes: Callable[[int], int], files: list[Path],
+               switch_user: bool) -> Preflight:
     path = Path(start.path)
     if not path.is_absolute():
         raise PreflightError(f"path {start.path!r} must be absolute (the driver's working directory is not yours)")
@@ -220,12 +225,24 @@ def _preflight(start: StartCommand, *, image_n_bytes: int, files: list[Path], sw
                                  f"(stddaq never overwrites data)")
     vfs = os.statvfs(path)
     free = vfs.f_bavail * vfs.f_frsize
-    fit = free // image_n_bytes if image_n_bytes else 0
-    if start.n_image_given and start.n_image * image_n_bytes > free:
-        need = start.n_image * image_n_bytes
-        raise PreflightError(f"not enough space in {start.path}: {start.n_image} images need {_size(need)}, "
-                             f"{_size(free)} free (room for {fit} images)")
+    fit = images_that_fit(recording_bytes, free)
+    if start.n_image_given and (need := recording_bytes(start.n_image)) > free:
+        raise PreflightError(f"not enough space in {start.path}: {start.n_image} images need {_size(need)} with "
+                             f"their files' overhead, {_size(free)} free (room for {fit} images)")
     return Preflight(free, fit)
+
+
+def images_that_fit(recording_bytes: Callable[[int], int], free: int) -> int:
+    """The most images a recording can take in ``free`` bytes (``recording_bytes`` grows with them)."""
+    low, high = 0, 1
+    while recording_bytes(high) <= free:
+        low, high = high, high * 2
+        if high > 1 << 62:
+            return low
+    while high - low > 1:  # recording_bytes(low) fits, recording_bytes(high) does not
+        middle = (low + high) // 2
+        low, high = (middle, high) if recording_bytes(middle) <= free else (low, middle)
+    return low
 
 
 def _size(n_bytes: int) -> str:

@@ -147,6 +147,47 @@ def _describe_os_error(exc: BaseException, path: Path) -> str:
     return f"cannot write {path}: {text}"
 
 
+#: At most this per file beyond its chunks and rows: superblock, object headers, the roots of its
+#: indexes, free-space slack (files of a recording measured 10-60 KiB apart from those).
+FILE_OVERHEAD = 256 * 1024
+#: At most this per data chunk for its entry in the chunk index.
+INDEX_BYTES_PER_CHUNK = 64
+
+
+def recording_bytes(n_images: int, image_n_bytes: int, *, n_writers: int, gpfs_block_size: int, compressed: bool,
+                    detector_type: str | None = None) -> int:
+    """At most the bytes a recording of ``n_images`` takes in its directory, for the driver's
+    check before a start: the raw files of ``n_writers`` writers (whole chunks: the last one is
+    written whole even when partly filled; their alignment; their metadata rows), the Meta file
+    when ``detector_type`` is given, the master (the merged rows), and the reserve each writer
+    keeps free while it writes (``METADATA_RESERVE``, so that its file can be closed). A
+    compressed image takes at most its slot, the raw image's size.
+
+    Images alone undercount: a start of images that just fit the free space was accepted and
+    ended in disk full, its last images not written (with 16 MiB chunks of small images, a
+    writer's last chunk alone is up to 16 MiB)."""
+    if n_images <= 0:
+        return 0
+    per_writer = -(-n_images // n_writers)
+    per_chunk, alignment = 1, 0
+    if not compressed:
+        per_chunk, options = raw_chunk_layout(image_n_bytes, gpfs_block_size)
+        alignment = options.get("alignment_interval", 0)
+    chunk_bytes = per_chunk * image_n_bytes
+    padding = -chunk_bytes % alignment if alignment else 0
+    raw_file = (-(-per_writer // per_chunk) * (chunk_bytes + padding + INDEX_BYTES_PER_CHUNK)
+                + _rows_bytes(per_writer, RAW_METADATA_DTYPE.itemsize) + alignment + FILE_OVERHEAD)
+    total = n_writers * (raw_file + METADATA_RESERVE)
+    if detector_type is not None:
+        total += _rows_bytes(n_images, metadata_dtype(detector_type).itemsize) + FILE_OVERHEAD + METADATA_RESERVE
+    return total + _rows_bytes(n_images, RAW_METADATA_DTYPE.itemsize) + FILE_OVERHEAD  # the master
+
+
+def _rows_bytes(n_rows: int, itemsize: int) -> int:
+    """Bytes of ``n_rows`` metadata rows in chunks of METADATA_CHUNK_ROWS (the last one whole)."""
+    return -(-n_rows // METADATA_CHUNK_ROWS) * METADATA_CHUNK_ROWS * itemsize
+
+
 class _SpaceGuard:
     """Refuses a write that would not fit the free space (or RLIMIT_FSIZE) with the reserve."""
 
