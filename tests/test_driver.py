@@ -766,6 +766,25 @@ def test_a_start_is_checked_against_its_files_not_its_images_alone(deployment, s
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.parametrize("n_image", [4, 21])
+def test_the_start_check_lays_out_the_pixels_the_files_hold(make_config, tmp_path, n_image) -> None:
+    """An 8-bit GigaFRoST has slots of 2 bytes a pixel (as upstream sizes them), its files 1 byte:
+    the driver's bound must follow the files' chunks (with the slot's, 4 images over 4 writers of
+    2000x1600 were allowed 11 MB less than their files took, and 20 images 2.3 times too much)."""
+    from test_storage_hdf5 import _check_recording_bytes
+
+    from stddaq.services.driver import WriterDriver
+
+    config, _ = make_config(number_of_writers=4, bit_depth=8, image_pixel_height=2000, image_pixel_width=1600)
+    assert config.detector_type == "gigafrost" and config.image_n_bytes == 2 * 2000 * 1600
+    driver = WriterDriver(config, with_meta=True)
+    try:
+        _check_recording_bytes(tmp_path, config.shape, n_image, 4, config.gpfs_block_size, None, "gigafrost",
+                               dtype=config.dtype, bound=driver._recording_bytes(n_image))
+    finally:
+        driver.close()
+
+
 # ---------------------------------------------------------------------- stddaq record
 def _record(url: str, run_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stddaq.cli", "record", "--driver", url, "--path", str(run_dir),

@@ -730,7 +730,8 @@ class WriterDriver(Service):
         from stddaq.storage.hdf5 import recording_bytes
 
         config = self.config
-        return recording_bytes(n_images, config.image_n_bytes, n_writers=len(self.links),
+        pixels_n_bytes = config.image_pixel_height * config.image_pixel_width * config.dtype.itemsize
+        return recording_bytes(n_images, pixels_n_bytes, n_writers=config.number_of_writers,
                                gpfs_block_size=config.gpfs_block_size,
                                compressed=self.suffix in STAGE_SUFFIXES.values(),
                                detector_type=config.detector_type if self.with_meta else None)
