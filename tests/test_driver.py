@@ -785,6 +785,32 @@ def test_the_start_check_lays_out_the_pixels_the_files_hold(make_config, tmp_pat
         driver.close()
 
 
+def test_the_start_check_allows_compressed_images_up_to_their_slot(make_config, tmp_path) -> None:
+    """An 8-bit GigaFRoST's slots hold 2 bytes a pixel, so a bitshuffle-lz4 stage given blocks of
+    8 pixels publishes noise as blobs of 1.6 times its pixels: the driver's bound on such a
+    compressed channel holds them (pixels plus 1% went over by 25-195 MB in 200 images)."""
+    from test_storage_hdf5 import _check_recording_bytes
+
+    from stddaq.services.driver import WriterDriver
+    from stddaq.storage.hdf5 import BITSHUFFLE_LZ4
+
+    config, _ = make_config(number_of_writers=2, bit_depth=8, image_pixel_height=500, image_pixel_width=800)
+    driver = WriterDriver(config, suffix="h5bitshuffle-lz4", with_meta=True)
+
+    def encode(pixels):
+        pixels = np.random.default_rng(int(pixels.flat[0])).integers(0, 255, pixels.shape, dtype=np.uint8)
+        blob = bitshuffle_lz4_encode(pixels, 8)
+        assert pixels.nbytes * 1.5 < blob.nbytes <= config.image_n_bytes  # the stage publishes it: it fits the slot
+        return blob
+
+    try:
+        bound = driver._recording_bytes(40)
+        _check_recording_bytes(tmp_path, config.shape, 40, 2, config.gpfs_block_size, BITSHUFFLE_LZ4, "gigafrost",
+                               dtype=config.dtype, bound=bound, encode=encode, slack=40 * config.image_n_bytes // 2)
+    finally:
+        driver.close()
+
+
 # ---------------------------------------------------------------------- stddaq record
 def _record(url: str, run_dir: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stddaq.cli", "record", "--driver", url, "--path", str(run_dir),

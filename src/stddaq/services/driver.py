@@ -727,13 +727,15 @@ class WriterDriver(Service):
     def _recording_bytes(self, n_images: int) -> int:
         """At most the bytes a recording of ``n_images`` takes on disk (storage.hdf5.recording_bytes;
         imported late: h5py is heavy)."""
-        from stddaq.storage.hdf5 import recording_bytes
+        from stddaq.storage.hdf5 import largest_blob, recording_bytes
 
         config = self.config
-        pixels_n_bytes = config.image_pixel_height * config.image_pixel_width * config.dtype.itemsize
+        itemsize = config.dtype.itemsize
+        pixels_n_bytes = config.image_pixel_height * config.image_pixel_width * itemsize
+        codec = {suffix: codec for codec, suffix in STAGE_SUFFIXES.items()}.get(self.suffix)
+        blob = None if codec is None else largest_blob(codec, pixels_n_bytes, itemsize, config.image_n_bytes)
         return recording_bytes(n_images, pixels_n_bytes, n_writers=config.number_of_writers,
-                               gpfs_block_size=config.gpfs_block_size,
-                               compressed=self.suffix in STAGE_SUFFIXES.values(),
+                               gpfs_block_size=config.gpfs_block_size, blob_n_bytes=blob,
                                detector_type=config.detector_type if self.with_meta else None)
 
 

@@ -152,23 +152,45 @@ def _describe_os_error(exc: BaseException, path: Path) -> str:
 FILE_OVERHEAD = 256 * 1024
 #: At most this per data chunk for its entry in the chunk index.
 INDEX_BYTES_PER_CHUNK = 64
-#: A compressed image takes at most its pixels' bytes times this, plus COMPRESSED_IMAGE_EXTRA: the
-#: codecs' worst case on noise (LZ4's bound: 0.4-0.7% above the data for bitshuffle-lz4, 32 bytes
-#: for blosc2; a non-good image is compressed by the writer itself, without the slot's cap), the
-#: Blosc2 frame ImageFile puts around a blosc2 chunk (172 bytes) and its chunk-index entry.
-COMPRESSED_IMAGE_FACTOR = 1.01
-COMPRESSED_IMAGE_EXTRA = 1024
+#: At most this per compressed chunk beyond its blob: the Blosc2 frame ImageFile puts around a
+#: blosc2 chunk (172 bytes), and slack.
+COMPRESSED_CHUNK_EXTRA = 512
+#: The most blosc2 adds to data it cannot compress (it stores it as it is: BLOSC2_MAX_OVERHEAD).
+BLOSC2_MAX_OVERHEAD = 32
 
 
-def recording_bytes(n_images: int, image_n_bytes: int, *, n_writers: int, gpfs_block_size: int, compressed: bool,
-                    detector_type: str | None = None) -> int:
+def largest_blob(codec: str, pixels_n_bytes: int, itemsize: int, slot_n_bytes: int) -> int:
+    """The most one compressed image of ``pixels_n_bytes`` can take: what a compression stage
+    publishes (at most its slot, and at most the codec's worst case with any parameters a stage
+    may be given: bitshuffle-lz4 blocks as small as 8 pixels) or what the writer compresses
+    itself (a non-good raw image on a compressed channel, default parameters, no slot to cap
+    it). ``codec``: "blosc2" or "h5bitshuffle_lz4". The slot is larger than the pixels on an
+    8-bit GigaFRoST (2 bytes a pixel, as upstream sizes it): there small blocks on noise really
+    give blobs up to the slot."""
+    if codec == "blosc2":
+        return pixels_n_bytes + BLOSC2_MAX_OVERHEAD
+    by_stage = min(slot_n_bytes, _bitshuffle_lz4_bound(pixels_n_bytes, 8 * itemsize))
+    by_writer = _bitshuffle_lz4_bound(pixels_n_bytes, codecs.default_block_elements(itemsize) * itemsize)
+    return max(by_stage, by_writer)
+
+
+def _bitshuffle_lz4_bound(n_bytes: int, block_bytes: int) -> int:
+    """A filter-32008 chunk's largest size: its 12-byte header, and per block its 4-byte length
+    and LZ4's bound (LZ4_COMPRESSBOUND: the block + 1/255 of it + 16)."""
+    n_blocks = -(-n_bytes // block_bytes)
+    return 12 + n_bytes + n_bytes // 255 + n_blocks * (4 + 16 + 1)
+
+
+def recording_bytes(n_images: int, image_n_bytes: int, *, n_writers: int, gpfs_block_size: int,
+                    blob_n_bytes: int | None = None, detector_type: str | None = None) -> int:
     """At most the bytes a recording of ``n_images`` takes in its directory, for the driver's
     check before a start: the files of ``n_writers`` writers (the k-th image goes to writer
     k % n_writers; see ``_writer_file_bytes``), the Meta file when ``detector_type`` is given,
     the master (the merged rows), and the reserve each writer keeps free while it writes
     (``METADATA_RESERVE``, so that its file can be closed). ``image_n_bytes``: one image's pixels
     as the files hold them (height x width x the dtype's bytes; not the slot, which is larger
-    for an 8-bit GigaFRoST).
+    for an 8-bit GigaFRoST). ``blob_n_bytes``: for a compressed source, the most one compressed
+    image takes (``largest_blob``); None for a raw one.
 
     Images alone undercount: a start of images that just fit the free space was accepted and
     ended in disk full, its last images not written (with 16 MiB chunks of small images, a
@@ -176,14 +198,14 @@ def recording_bytes(n_images: int, image_n_bytes: int, *, n_writers: int, gpfs_b
     if n_images <= 0:
         return 0
     base, extra = divmod(n_images, n_writers)
-    total = sum(count * (_writer_file_bytes(images, image_n_bytes, gpfs_block_size, compressed) + METADATA_RESERVE)
+    total = sum(count * (_writer_file_bytes(images, image_n_bytes, gpfs_block_size, blob_n_bytes) + METADATA_RESERVE)
                 for count, images in ((extra, base + 1), (n_writers - extra, base)))
     if detector_type is not None:
         total += _rows_bytes(n_images, metadata_dtype(detector_type).itemsize) + FILE_OVERHEAD + METADATA_RESERVE
     return total + _rows_bytes(n_images, RAW_METADATA_DTYPE.itemsize) + FILE_OVERHEAD  # the master
 
 
-def _writer_file_bytes(n_images: int, image_n_bytes: int, gpfs_block_size: int, compressed: bool) -> int:
+def _writer_file_bytes(n_images: int, image_n_bytes: int, gpfs_block_size: int, blob_n_bytes: int | None) -> int:
     """At most the bytes of one writer's file of ``n_images``: whole chunks (the last one is
     written whole even when partly filled) with their alignment padding and index entries, the
     metadata rows, and the holes alignment leaves: a data chunk that follows a small object HDF5
@@ -193,8 +215,8 @@ def _writer_file_bytes(n_images: int, image_n_bytes: int, gpfs_block_size: int, 
     100 chunks of rows and a few as the indexes grow; bounded here by one per 64 data chunks, one
     per 16 chunks of rows and one per doubling of the data chunks, and by one per data chunk."""
     per_chunk, alignment = 1, 0
-    if compressed:
-        chunk_bytes = int(image_n_bytes * COMPRESSED_IMAGE_FACTOR) + COMPRESSED_IMAGE_EXTRA
+    if blob_n_bytes is not None:  # one compressed image a chunk
+        chunk_bytes = blob_n_bytes + COMPRESSED_CHUNK_EXTRA
     else:
         per_chunk, options = raw_chunk_layout(image_n_bytes, gpfs_block_size)
         alignment = options.get("alignment_interval", 0)
