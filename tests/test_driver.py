@@ -708,13 +708,23 @@ def test_an_error_reason_counts_the_images_the_driver_lost_too(deployment) -> No
     assert "1 image(s) lost: overwritten in the RAM buffer before the driver read them" in reply["reason"], reply
 
 
-def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's size=) at a new directory, unmounted after; skips the test
+    where it cannot be mounted (not root)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
     try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> None:
+    with small_disk(tmp_path, "3m") as mount:
         d = deployment(1, ram_buffer_slots=500, image_pixel_height=128, image_pixel_width=128,
                        gpfs_block_size=65536)
         config, path, session = d.config, d.path, d.session
@@ -728,8 +738,6 @@ def test_disk_full_ends_in_error_with_reason(deployment, service, tmp_path) -> N
             rows = f[f"{det}/metadata"][:]
             assert len(rows) > 0
             check_ramp(f[f"{det}/data"][:len(rows)], rows["image_id"], config)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_start_is_checked_against_its_files_not_its_images_alone(deployment, service, tmp_path) -> None:
@@ -737,12 +745,7 @@ def test_a_start_is_checked_against_its_files_not_its_images_alone(deployment, s
     disk full before its last images (the files' chunks, rows, headers and the writers' reserve
     come on top). Now it is refused, naming how many images fit; a start of that many records
     them all."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_disk(tmp_path, "12m") as mount:
         d = deployment(2, meta=True, ram_buffer_slots=1000, image_pixel_height=128, image_pixel_width=128,
                        gpfs_block_size=3 * 32768)
         config, session = d.config, d.session
@@ -762,8 +765,6 @@ def test_a_start_is_checked_against_its_files_not_its_images_alone(deployment, s
         assert reply["status"] == "file_saved", reply
         with h5py.File(mount / "file_master.h5", "r") as f:
             assert f[f"{config.detector_name}/data"].shape[0] == fit
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.parametrize("n_image", [4, 21])
