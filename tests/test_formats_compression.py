@@ -166,3 +166,16 @@ def test_check_chunk_reads_the_size_a_header_holds() -> None:
     for kind, blob, expected, message in cases:
         with pytest.raises(compression.CodecError, match=message):
             compression.check_chunk(kind, blob, expected, 2)
+
+
+def test_blosc2_into_less_room_than_a_chunk_header_does_not_fit() -> None:
+    """An image of a few bytes in a slot of its size: under blosc2's 32-byte header, libblosc2
+    answers an error (-35), which is "does not fit" (the stage counts too_big), not a failure."""
+    from stddaq.formats.compression import blosc2_encode_into
+
+    for n_bytes in (1, 8, 31):
+        pixels = np.arange(n_bytes, dtype=np.uint8)
+        assert blosc2_encode_into(pixels, np.zeros(n_bytes, np.uint8)) == 0
+        assert _blosc2_at(pixels, np.zeros(n_bytes, np.uint8)) == 0
+    pixels = np.arange(8, dtype=np.uint8)
+    assert blosc2_encode_into(pixels, np.zeros(64, np.uint8)) == len(blosc2_encode(pixels))

@@ -187,6 +187,8 @@ def blosc2_encoder_at(level: int = 5) -> Callable[[int, int, int, int, int], int
 #: capacity gives the same chunk (with more room, blosc2 may store noise differently)
 _BLOSC2_MAX_OVERHEAD = 32
 _MAX_CHUNK_SOURCE = 0x7FFFFFFF - _BLOSC2_MAX_OVERHEAD
+#: what blosc2_compress_ctx answers for a destination under _BLOSC2_MAX_OVERHEAD bytes
+_BLOSC2_ERROR_MAX_BUFSIZE_EXCEEDED = -35
 
 
 class _Blosc2CParams(ctypes.Structure):
@@ -260,6 +262,8 @@ class _Blosc2Direct:
                                                     min(capacity, n_bytes + _BLOSC2_MAX_OVERHEAD))
         finally:
             self._free_context(context)
+        if written == _BLOSC2_ERROR_MAX_BUFSIZE_EXCEEDED:  # less room than a chunk's header: does not fit
+            return 0
         if written < 0:
             raise RuntimeError(f"blosc2 compression failed (error {written})")
         return written
