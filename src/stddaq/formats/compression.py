@@ -77,6 +77,14 @@ def bitshuffle_lz4_encode_into(pixels: np.ndarray, out: np.ndarray, block_bytes:
     return n_bytes
 
 
+def bitshuffle_lz4_bound(n_bytes: int, block_bytes: int) -> int:
+    """The largest filter-32008 chunk of ``n_bytes`` in blocks of ``block_bytes``: its 12-byte
+    header, and per block its 4-byte length and LZ4's bound (LZ4_COMPRESSBOUND: the block + 1/255
+    of it + 16). The smaller the blocks, the larger the bound."""
+    n_blocks = -(-n_bytes // block_bytes)
+    return HEADER.size + n_bytes + n_bytes // 255 + n_blocks * (4 + 16 + 1)
+
+
 def _store_bitshuffle_chunk(out: np.ndarray, pixels: np.ndarray, block: int, body: np.ndarray) -> None:
     HEADER.pack_into(out, 0, pixels.nbytes, block * pixels.dtype.itemsize)
     out[HEADER.size:HEADER.size + body.nbytes] = body
@@ -185,9 +193,9 @@ def blosc2_encoder_at(level: int = 5) -> Callable[[int, int, int, int, int], int
 
 #: what compress2 allows a chunk beyond its data (BLOSC2_MAX_OVERHEAD): the same destination
 #: capacity gives the same chunk (with more room, blosc2 may store noise differently)
-_BLOSC2_MAX_OVERHEAD = 32
-_MAX_CHUNK_SOURCE = 0x7FFFFFFF - _BLOSC2_MAX_OVERHEAD
-#: what blosc2_compress_ctx answers for a destination under _BLOSC2_MAX_OVERHEAD bytes
+BLOSC2_MAX_OVERHEAD = 32
+_MAX_CHUNK_SOURCE = 0x7FFFFFFF - BLOSC2_MAX_OVERHEAD
+#: what blosc2_compress_ctx answers for a destination under BLOSC2_MAX_OVERHEAD bytes
 _BLOSC2_ERROR_MAX_BUFSIZE_EXCEEDED = -35
 
 
@@ -259,7 +267,7 @@ class _Blosc2Direct:
             raise RuntimeError("libblosc2 could not create a compression context")
         try:
             written = self._lib.blosc2_compress_ctx(context, source, n_bytes, out,
-                                                    min(capacity, n_bytes + _BLOSC2_MAX_OVERHEAD))
+                                                    min(capacity, n_bytes + BLOSC2_MAX_OVERHEAD))
         finally:
             self._free_context(context)
         if written == _BLOSC2_ERROR_MAX_BUFSIZE_EXCEEDED:  # less room than a chunk's header: does not fit

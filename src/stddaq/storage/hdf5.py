@@ -155,8 +155,6 @@ INDEX_BYTES_PER_CHUNK = 64
 #: At most this per compressed chunk beyond its blob: the Blosc2 frame ImageFile puts around a
 #: blosc2 chunk (172 bytes), and slack.
 COMPRESSED_CHUNK_EXTRA = 512
-#: The most blosc2 adds to data it cannot compress (it stores it as it is: BLOSC2_MAX_OVERHEAD).
-BLOSC2_MAX_OVERHEAD = 32
 
 
 def largest_blob(codec: str, pixels_n_bytes: int, itemsize: int, slot_n_bytes: int) -> int:
@@ -167,18 +165,11 @@ def largest_blob(codec: str, pixels_n_bytes: int, itemsize: int, slot_n_bytes: i
     it). ``codec``: "blosc2" or "h5bitshuffle_lz4". The slot is larger than the pixels on an
     8-bit GigaFRoST (2 bytes a pixel, as upstream sizes it): there small blocks on noise really
     give blobs up to the slot."""
-    if codec == "blosc2":
-        return pixels_n_bytes + BLOSC2_MAX_OVERHEAD
-    by_stage = min(slot_n_bytes, _bitshuffle_lz4_bound(pixels_n_bytes, 8 * itemsize))
-    by_writer = _bitshuffle_lz4_bound(pixels_n_bytes, codecs.default_block_elements(itemsize) * itemsize)
+    if codec == "blosc2":  # data it cannot compress is stored as it is, behind its header
+        return pixels_n_bytes + codecs.BLOSC2_MAX_OVERHEAD
+    by_stage = min(slot_n_bytes, codecs.bitshuffle_lz4_bound(pixels_n_bytes, 8 * itemsize))
+    by_writer = codecs.bitshuffle_lz4_bound(pixels_n_bytes, codecs.default_block_elements(itemsize) * itemsize)
     return max(by_stage, by_writer)
-
-
-def _bitshuffle_lz4_bound(n_bytes: int, block_bytes: int) -> int:
-    """A filter-32008 chunk's largest size: its 12-byte header, and per block its 4-byte length
-    and LZ4's bound (LZ4_COMPRESSBOUND: the block + 1/255 of it + 16)."""
-    n_blocks = -(-n_bytes // block_bytes)
-    return 12 + n_bytes + n_bytes // 255 + n_blocks * (4 + 16 + 1)
 
 
 def recording_bytes(n_images: int, image_n_bytes: int, *, n_writers: int, gpfs_block_size: int,
